@@ -1,0 +1,67 @@
+# d2v_engine: every target is idempotent (stamp files in .stamps/ record finished set-up steps).
+#   make pretrain   set up, prepare the default data set, pretrain configs/default.yaml
+#   make test       set up, run the test suite
+#   make data       prepare the three offline data sets (Fashion-MNIST, spoken words, text corpus)
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMPS := .stamps
+DATA ?= data
+CONFIG ?= configs/default.yaml
+NUM_GPUS ?= 1
+ARGS ?=
+
+# Debian packages the offline data sets come from (see the README's data section).
+APT_PKGS := dataset-fashion-mnist espeak-ng sox libsox-fmt-all wordnet-base bible-kjv fortunes
+PY_DEPS := numpy triton pybind11 webdataset soundfile pillow tokenizers pyyaml tqdm tensorboard \
+           matplotlib scikit-learn pytest
+
+# On a CUDA machine keep the torch that is installed there (the venv sees the system packages);
+# elsewhere pin the CPU build, in every pip command, so that nothing pulls a multi-GB CUDA build.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+VENV_FLAGS := --system-site-packages
+TORCH := $(shell python3 -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null)
+else
+VENV_FLAGS :=
+TORCH := torch==2.13.0
+endif
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data pretrain test clean
+setup: $(STAMPS)/python
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
+	  echo "installing Debian packages: $(APT_PKGS)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PKGS); \
+	fi
+	@touch $@
+
+$(STAMPS)/python: setup.py Makefile $(STAMPS)/apt
+	@mkdir -p $(STAMPS)
+	@[ -x $(PY) ] || python3 -m venv $(VENV_FLAGS) .venv
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH) $(PY_DEPS)
+	# DeepSpeed builds from source against the torch above (no isolated build environment).
+	$(PIP) install -q --no-build-isolation $(TORCH) deepspeed==0.19.8
+	$(PIP) install -q $(TORCH) nvidia-dali-cuda120
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+data: setup
+	$(PY) -m d2v_engine.cli prepare fashion-mnist --out $(DATA)
+	$(PY) -m d2v_engine.cli prepare spoken-words --out $(DATA)
+	$(PY) -m d2v_engine.cli prepare text-corpus --out $(DATA)
+
+pretrain: setup
+	$(PY) -m d2v_engine.cli prepare fashion-mnist --out $(DATA)
+	.venv/bin/deepspeed --num_gpus $(NUM_GPUS) d2v_engine/pretrain.py --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info

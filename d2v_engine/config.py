@@ -1,0 +1,397 @@
+"""Configuration: a tree of flat dataclass sections, loaded from YAML, overridden from the command line.
+
+Precedence: command-line `section.key=value` > YAML file > the defaults below. Every field has a
+one-line docstring; choices are `Literal[...]`. `load_config` validates everything and raises
+`UserError` with one sentence (an unknown key names the closest valid one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from d2v_engine.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "image_debug"
+    """Registry key of the architecture, `<modality>_<size>` (see `d2v_engine.models.registry`)."""
+    dropout: float | None = None
+    """Dropout in the Transformer blocks; None keeps the registry's value."""
+    drop_path: float | None = None
+    """Stochastic-depth rate of the last block (images); None keeps the registry's value."""
+    layerdrop: float | None = None
+    """Probability of skipping a whole block in the student; None keeps the registry's value."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fashion-mnist/train"
+    """A folder of WebDataset `.tar` shards (or a brace pattern such as `dir/shard-{000000..000009}.tar`)."""
+    reader: Literal["torch", "dali"] = "torch"
+    """Which reader decodes the shards: `torch` (webdataset + PIL/soundfile) or `dali`."""
+    num_workers: int = 1
+    """DataLoader worker processes (0 = decode in the training process)."""
+    tokenizer: str = ""
+    """Text: a `tokenizers` JSON file; empty = `tokenizer.json` beside the shards or one folder up."""
+    image_size: int = 0
+    """Images: crop size in pixels; 0 = the model's image size."""
+    crop_scale: float = 0.35
+    """Images: smallest area fraction kept by the random resized crop."""
+    hflip: bool = True
+    """Images: random horizontal flip."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Images: per-channel mean subtracted after scaling pixels to [0, 1] (ImageNet's by default)."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Images: per-channel standard deviation divided out after the mean."""
+    sample_rate: int = 16000
+    """Audio: the rate the model expects; clips at other rates are resampled."""
+    max_sample_size: int = 320000
+    """Audio: longer clips are randomly cropped to this many samples."""
+    audio_batching: Literal["crop", "pad"] = "crop"
+    """Audio: crop a batch to its shortest clip (the reference recipe) or pad to its longest."""
+    max_tokens: int = 512
+    """Text: longest token sequence, special tokens included; longer texts are truncated."""
+    max_bad_fraction: float = 0.01
+    """Stop the run when more than this fraction of the samples read cannot be decoded."""
+
+
+@dataclass
+class MaskConfig:
+    prob: float = 0.6
+    """Masked fraction: images (of patches, block-wise), audio (span starts x length), text (tokens)."""
+    length: int = 10
+    """Audio: span length in frames."""
+    min_block: int = 16
+    """Images: smallest block in patches (BEiT generator)."""
+    max_block: int = 0
+    """Images: largest block in patches; 0 = no limit beyond the number still to mask."""
+    min_aspect: float = 0.3
+    """Images: smallest block aspect ratio (the largest is its inverse)."""
+    replace_prob: float = 0.8
+    """Text: fraction of the selected tokens replaced by `<mask>`."""
+    random_prob: float = 0.1
+    """Text: fraction of the selected tokens replaced by a random token (the rest stay unchanged)."""
+
+
+@dataclass
+class TargetConfig:
+    top_k: int = 6
+    """Number of top teacher blocks averaged into the target."""
+    layer_norm: Literal["instance", "layer", "none"] = "layer"
+    """Parameter-free normalisation of each block output before averaging."""
+    final_norm: Literal["layer", "instance", "none"] = "none"
+    """Normalisation of the average."""
+
+
+@dataclass
+class LossConfig:
+    beta: float = 2.0
+    """Smooth-L1 beta; 0 = squared error."""
+    scale: Literal["one", "inv_sqrt_dim", "inv_dim"] = "one"
+    """Factor on the per-row sum over channels: 1, 1/sqrt(C), or 1/C (= mean over C)."""
+
+
+@dataclass
+class TeacherConfig:
+    decay: float = 0.999
+    """EMA decay at step 0."""
+    end_decay: float = 0.9999
+    """EMA decay once the anneal ends."""
+    anneal_steps: int = 0
+    """Optimizer steps of the linear anneal from `decay` to `end_decay`; 0 = `train.steps`."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps of the whole run."""
+    batch_size: int = 64
+    """Global batch size in samples per optimizer step (all ranks, all accumulation steps)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.01
+    """Learning rate at the end of the cosine decay, as a fraction of `lr`."""
+    warmup_steps: int = 100
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms and 1-D parameters)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    clip_grad: float = 3.0
+    """Gradient-norm clipping threshold; 0 = off."""
+    log_every: int = 10
+    """Steps between metrics lines."""
+    save_every: int = 0
+    """Steps between checkpoints; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class DSConfig:
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage, 0-3."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision."""
+
+
+@dataclass
+class KernelsConfig:
+    backend: Literal["auto", "reference", "triton", "cpp"] = "auto"
+    """Implementation of the fused ops: auto picks the fastest available one."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config, metrics, TensorBoard, checkpoints, plots."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `run.dir`."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seed of every random choice: initialisation, data order, masks, augmentation, dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ds: DSConfig = field(default_factory=DSConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def modality(self) -> str:
+        """`image`, `audio` or `text`, from the model's registry entry."""
+        from d2v_engine.models.registry import get_spec
+
+        return get_spec(self.model.name).modality
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def valid_keys() -> list[str]:
+    """Every settable key, `section.key` or a top-level one such as `seed`."""
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in _sections()]
+    for name, cls in _sections().items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections are {', '.join(_sections())}."
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it loses nothing."""
+    origin = typing.get_origin(tp)
+    bad = UserError(f"config key '{key}' expects {_describe(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    sections = _sections()
+    head, _, tail = key.partition(".")
+    if not tail:
+        if head in sections or head not in {f.name for f in dataclasses.fields(Config)}:
+            raise _unknown_key(key)
+        setattr(cfg, head, _coerce(value, typing.get_type_hints(Config)[head], key))
+        return
+    if head not in sections:
+        raise _unknown_key(key)
+    hints = typing.get_type_hints(sections[head])
+    if tail not in hints:
+        raise _unknown_key(key)
+    setattr(getattr(cfg, head), tail, _coerce(value, hints[tail], key))
+
+
+def _flatten(tree: dict[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if name in _sections():
+            if not isinstance(value, dict):
+                raise UserError(f"section '{name}' in {where} must be a mapping of keys, got {value!r}.")
+            flat.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            flat[str(name)] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (key, value); the value is read as YAML (`3`, `1e-4`, `true`, `[1, 2]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{text}' is not of the form section.key=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated.
+
+    Args:
+        path: a YAML file whose top level mirrors the sections of `Config`; None = defaults only.
+        overrides: command-line items such as `train.steps=60`.
+    Returns:
+        The validated `Config`.
+    Raises:
+        UserError: unknown key, wrong type, bad value, missing or unreadable file.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' does not exist; pass one of the files in configs/.")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]}).") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of sections.")
+        for key, value in _flatten(tree, str(path)).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        _set(cfg, *parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and ranges; derived values are filled in here and nowhere else."""
+    from d2v_engine.models.registry import MODEL_REGISTRY
+
+    if cfg.model.name not in MODEL_REGISTRY:
+        close = difflib.get_close_matches(cfg.model.name, list(MODEL_REGISTRY), n=1, cutoff=0.4)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(MODEL_REGISTRY)}."
+        raise UserError(f"model.name '{cfg.model.name}' is not a registered model; {hint}")
+    checks = [
+        (cfg.train.steps > 0, "train.steps must be positive"),
+        (cfg.train.batch_size > 0, "train.batch_size must be positive"),
+        (cfg.train.grad_accum > 0, "train.grad_accum must be positive"),
+        (cfg.train.batch_size % cfg.train.grad_accum == 0,
+         "train.batch_size must be a multiple of train.grad_accum"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.log_every > 0, "train.log_every must be positive"),
+        (cfg.train.save_every >= 0, "train.save_every must be 0 (only at the end) or positive"),
+        (cfg.train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
+        (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas),
+         "train.betas must be two numbers in [0, 1)"),
+        (0 <= cfg.ds.zero_stage <= 3, "ds.zero_stage must be 0, 1, 2 or 3"),
+        (0 < cfg.teacher.decay <= 1 and 0 < cfg.teacher.end_decay <= 1,
+         "teacher.decay and teacher.end_decay must lie in (0, 1]"),
+        (cfg.teacher.anneal_steps >= 0, "teacher.anneal_steps must be 0 (= train.steps) or positive"),
+        (cfg.target.top_k > 0, "target.top_k must be positive"),
+        (cfg.loss.beta >= 0, "loss.beta must be 0 (squared error) or positive (smooth L1)"),
+        (0 < cfg.mask.prob < 1, "mask.prob must lie in (0, 1)"),
+        (cfg.mask.length > 0, "mask.length must be positive"),
+        (cfg.mask.replace_prob + cfg.mask.random_prob <= 1,
+         "mask.replace_prob + mask.random_prob must be at most 1"),
+        (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must lie in [0, 1]"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be 0 or positive"),
+        (0 < cfg.data.crop_scale <= 1, "data.crop_scale must lie in (0, 1]"),
+        (bool(cfg.data.path), "data.path is empty; point it at a folder of .tar shards (see `d2v prepare`)"),
+        (bool(cfg.run.dir), "run.dir is empty; name a folder for the run"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message + ".")
+    depth = _depth(cfg.model.name)
+    if cfg.target.top_k > depth:
+        raise UserError(f"target.top_k={cfg.target.top_k} exceeds the {depth} blocks of model "
+                        f"'{cfg.model.name}'; use at most {depth}.")
+    if cfg.teacher.anneal_steps == 0:
+        cfg.teacher.anneal_steps = cfg.train.steps
+
+
+def _depth(name: str) -> int:
+    from d2v_engine.models.registry import get_spec
+
+    return get_spec(name).transformer.depth
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, loadable again by `load_config`."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,131 @@
+"""The EMA teacher: a copy of the student encoder whose weights follow an exponential moving average.
+
+Per modality, the encoder says what the teacher owns (`teacher_exclude`, `teacher_copy`):
+- excluded parts are shared with the student through the input (audio: the CNN and projection; the
+  teacher encodes the student's own un-masked features), so the teacher has no copy of them;
+- copied parts are taken from the student at every update instead of averaged (audio: the conv
+  positional embedding; text: the embeddings), which is how the reference code shares them;
+- everything else is averaged: `ema <- decay * ema + (1 - decay) * student`, in fp32.
+
+The decay anneals linearly from `decay` to `end_decay` over `anneal_steps` optimizer steps, then
+holds (`decay_at`). `update` runs once per optimizer step, at the gradient-accumulation boundary.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from d2v_engine import ops
+from d2v_engine.config import TargetConfig, TeacherConfig
+
+
+def build_teacher_module(student: nn.Module) -> nn.Module:
+    """A frozen eval-mode deep copy of `student` without the parts it shares through the input."""
+    module = copy.deepcopy(student)
+    for name in student.teacher_exclude:
+        setattr(module, name, None)
+    module.grad_checkpointing = False
+    return module.eval().requires_grad_(False)
+
+
+class EMATeacher:
+    """EMA teacher of a student encoder, and the target builder.
+
+    Args:
+        student: the student encoder (not the head); the teacher starts as its copy.
+        teacher: the `teacher` config section (decay schedule).
+        target: the `target` config section (top-K, normalisations).
+        backend: kernel backend of the fused ops.
+        compute_dtype: dtype of the teacher's forward weights; when it is not fp32 the fp32 EMA
+            master weights live beside the module and are written to it in the same pass.
+    """
+
+    def __init__(self, student: nn.Module, teacher: TeacherConfig, target: TargetConfig,
+                 backend: str = "auto", compute_dtype: torch.dtype = torch.float32):
+        self.cfg, self.target_cfg, self.backend = teacher, target, backend
+        self.module = build_teacher_module(student).to(compute_dtype)
+        params = dict(self.module.named_parameters())
+        copied = tuple(f"{p}." for p in student.teacher_copy)
+        self.copy_names = [n for n in params if n.startswith(copied)]
+        self.ema_names = [n for n in params if not n.startswith(copied)]
+        names = self.ema_names + self.copy_names
+        if compute_dtype == torch.float32:
+            self.master = {n: params[n].data for n in names}     # the module's weights are the master
+            self.shadow = None
+        else:
+            self.master = {n: params[n].data.float() for n in names}
+            self.shadow = {n: params[n].data for n in names}
+        self._student_cache: tuple[int, list[Tensor], list[Tensor]] | None = None
+
+    # ---------------------------------------------------------------- schedule and update
+    def decay_at(self, step: int) -> float:
+        """EMA decay after `step` optimizer steps: linear from `decay` to `end_decay`, then held."""
+        start, end, total = self.cfg.decay, self.cfg.end_decay, self.cfg.anneal_steps
+        if step >= total or start == end:
+            return end
+        return start + (end - start) * step / total
+
+    def _student_tensors(self, student: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        # The name lookup runs once per student: the hot path only walks two prebuilt lists.
+        if self._student_cache is None or self._student_cache[0] != id(student):
+            params = dict(student.named_parameters())
+            self._student_cache = (id(student), [params[n] for n in self.ema_names],
+                                   [params[n] for n in self.copy_names])
+        return self._student_cache[1], self._student_cache[2]
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> float:
+        """Move the teacher towards `student` (call once per optimizer step).
+
+        Args:
+            student: the student encoder, same structure as at construction.
+            step: optimizer steps completed, for the decay schedule.
+        Returns:
+            The decay used (1.0 means the teacher stayed frozen).
+        """
+        decay = self.decay_at(step)
+        ema_src, copy_src = self._student_tensors(student)
+        if decay < 1.0:
+            ema = [self.master[n] for n in self.ema_names]
+            shadow = None if self.shadow is None else [self.shadow[n] for n in self.ema_names]
+            ops.ema_update_(ema, [p.detach() for p in ema_src], decay, shadow, backend=self.backend)
+        if copy_src:
+            # decay 0 copies: the shared parts follow the student exactly, in the same kernel.
+            dst = [self.master[n] for n in self.copy_names]
+            shadow = None if self.shadow is None else [self.shadow[n] for n in self.copy_names]
+            ops.ema_update_(dst, [p.detach() for p in copy_src], 0.0, shadow, backend=self.backend)
+        return decay
+
+    # ---------------------------------------------------------------- targets
+    @torch.no_grad()
+    def targets(self, x: Tensor, *, mask: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """Regression targets at the masked positions, from the teacher's view of the clean input.
+
+        Args:
+            x: the teacher's input view (pixels [B, 3, H, W], audio features [B, T, C], token ids [B, T]).
+            mask: [B, T] bool, True = masked (loss) positions.
+            padding_mask: [B, T] bool, True = padding, or None.
+        Returns:
+            [M, C] fp32 targets, rows in row-major order of `mask`.
+        """
+        out = self.module(x, padding_mask=padding_mask, top_k=self.target_cfg.top_k)
+        return ops.make_targets(out.layer_results, layer_norm=self.target_cfg.layer_norm,
+                                final_norm=self.target_cfg.final_norm, mask=mask,
+                                padding_mask=out.padding_mask, backend=self.backend)
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Tensor]:
+        """The fp32 master weights by parameter name (the teacher's whole learned state)."""
+        return {n: t.detach().clone().cpu() for n, t in self.master.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = set(self.master) - set(state)
+        if missing:
+            raise KeyError(f"teacher state lacks {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, t in self.master.items():
+                t.copy_(state[n])
+                if self.shadow is not None:
+                    self.shadow[n].copy_(state[n])
