@@ -79,6 +79,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
+        self._grad_norm: Tensor | float = float("nan")
 
         # data first: a text model's vocabulary comes from the data's tokenizer
         spec = with_overrides(get_spec(cfg.model.name), dropout=cfg.model.dropout,
@@ -116,10 +117,14 @@ class Trainer:
         return {k: (v.to(self.device, self.input_dtype, non_blocking=True) if v.is_floating_point()
                     else v.to(self.device, non_blocking=True)) for k, v in batch.items()}
 
-    def forward_backward_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_backward_step(self, batch: dict[str, Tensor], measure_grad_norm: bool = False
+                              ) -> tuple[Tensor, dict[str, Tensor]]:
         """One micro-batch: teacher targets, student predictions, loss, backward, engine step."""
         loss, stats = self.engine(self._to_device(batch), self.teacher)
         self.engine.backward(loss)
+        if measure_grad_norm:
+            self._grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
         self.engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
         return loss.detach(), stats
 
@@ -130,11 +135,15 @@ class Trainer:
             (mean loss, last micro-batch's stats, seconds spent waiting for data, EMA decay used).
         """
         losses, data_s = [], 0.0
-        for _ in range(self.cfg.train.grad_accum):
+        accum, next_step = self.cfg.train.grad_accum, self.step + 1
+        # Without ZeRO, DeepSpeed computes no gradient norm: measure it ourselves, on logged steps only.
+        logged = next_step % self.cfg.train.log_every == 0 or next_step == self.cfg.train.steps
+        measure = logged and self.cfg.ds.zero_stage == 0
+        for i in range(accum):
             t0 = time.perf_counter()
             batch = next(self.data)
             data_s += time.perf_counter() - t0
-            loss, stats = self.forward_backward_step(batch)
+            loss, stats = self.forward_backward_step(batch, measure_grad_norm=measure and i == accum - 1)
             losses.append(loss)
         self.step += 1
         decay = self.teacher.update(self.model.encoder, self.step)
@@ -163,6 +172,8 @@ class Trainer:
     def _metrics(self, window: "_Window", stats: dict[str, Tensor], decay: float) -> dict[str, float]:
         # .item() here only, once per logging interval: each is a device sync point.
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         return {
             "step": self.step,
             "loss": (window.loss_sum / window.steps).item(),

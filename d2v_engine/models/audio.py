@@ -1,0 +1,218 @@
+"""Audio encoder of data2vec audio 1.0 (Hugging Face Data2VecAudio layout).
+
+Local features (shared by student and teacher, computed once in `views`): a 1-D CNN on the waveform,
+each layer Conv1d -> LayerNorm over channels -> GELU, then LayerNorm + Linear to the model width.
+Encoder (`forward`): mask embedding, a multi-layer convolutional position embedding, LayerNorm,
+post-LN Transformer blocks, no final LayerNorm.
+"""
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2v_engine.models.encoder import EncoderOutput, LayerCallback, TransformerEncoder, Views, init_linear_
+from d2v_engine.models.registry import ModelSpec
+
+Length = TypeVar("Length", int, Tensor)
+
+
+def conv_output_length(conv_layers: Sequence[tuple[int, int, int]], num_samples: Length) -> Length:
+    """Frames the feature-extractor CNN produces from `num_samples` samples (unpadded convolutions).
+
+    A frame counts only if its whole receptive field lies inside the samples.
+
+    Args:
+        conv_layers: (channels, kernel, stride) per layer (`ModelSpec.conv_layers`).
+        num_samples: an int, or an int64 tensor of any shape.
+    Returns:
+        The frame count(s), same type and shape as `num_samples`, never negative.
+    """
+    n = num_samples
+    for _, kernel, stride in conv_layers:
+        n = (n - kernel) // stride + 1
+        n = n.clamp(min=0) if isinstance(n, Tensor) else max(n, 0)
+    return n
+
+
+class ConvLayer(nn.Module):
+    """Conv1d (no bias) -> LayerNorm over channels (affine) -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=False)
+        self.layer_norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C_in, S] -> [B, C_out, S']."""
+        x = self.conv(x)
+        return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+class FeatureExtractor(nn.Module):
+    """The waveform CNN (16 kHz -> 50 Hz with the wav2vec 2.0 layers)."""
+
+    def __init__(self, conv_layers: Sequence[tuple[int, int, int]]):
+        super().__init__()
+        channels = [1] + [c for c, _, _ in conv_layers]
+        self.conv_layers = nn.ModuleList(ConvLayer(channels[i], c, k, s) for i, (c, k, s) in enumerate(conv_layers))
+
+    def forward(self, audio: Tensor) -> Tensor:
+        """audio: [B, S] -> [B, C_conv, T]."""
+        x = audio.unsqueeze(1)
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over the CNN channels, then Linear to the model width."""
+
+    def __init__(self, conv_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(conv_dim, eps=eps)
+        self.projection = nn.Linear(conv_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, T, C_conv] -> [B, T, C]."""
+        return self.projection(self.layer_norm(x))
+
+
+class PosConvLayer(nn.Module):
+    """Grouped Conv1d that keeps the length -> LayerNorm (no affine) -> GELU."""
+
+    def __init__(self, dim: int, kernel: int, groups: int, eps: float):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        # An even kernel with padding k//2 yields one frame too many; the last one is dropped.
+        self.trim = 1 if kernel % 2 == 0 else 0
+        self.layer_norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, T] -> [B, C, T]."""
+        x = self.conv(x)
+        if self.trim:
+            x = x[..., :-self.trim]
+        return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+class PosConvEmbed(nn.Module):
+    """Convolutional position embedding: `spec.pos_conv_depth` stacked `PosConvLayer`s."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        t = spec.transformer
+        self.layers = nn.ModuleList(PosConvLayer(t.dim, spec.pos_conv_kernel, spec.pos_conv_groups, t.norm_eps)
+                                    for _ in range(spec.pos_conv_depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, T, C] -> the position embedding [B, T, C] (added to x by the caller)."""
+        x = x.transpose(1, 2)
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(1, 2)
+
+
+class AudioEncoder(nn.Module):
+    """data2vec audio 1.0 encoder.
+
+    The teacher is `deepcopy(student)` with the `teacher_exclude` attributes set to None: the CNN and
+    projection are shared through the input (`views`), `masked_spec_embed` is used only for the
+    student's mask, and the position convolution is copied at every EMA update (`teacher_copy`).
+    `forward` reads `masked_spec_embed` only when a mask is given, and never the other two.
+    """
+
+    modality = "audio"
+    teacher_exclude: tuple[str, ...] = ("feature_extractor", "feature_projection", "masked_spec_embed")
+    teacher_copy: tuple[str, ...] = ("pos_conv_embed",)
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        t = spec.transformer
+        self.spec, self.dim, self.num_layers = spec, t.dim, t.depth
+        self.grad_checkpointing = False
+        conv_dim = spec.conv_layers[-1][0]
+        # local features
+        self.feature_extractor = FeatureExtractor(spec.conv_layers)
+        self.feature_projection = FeatureProjection(conv_dim, t.dim, t.norm_eps)
+        # encoder
+        self.dropout_input = nn.Dropout(spec.dropout_input)
+        self.masked_spec_embed = nn.Parameter(torch.empty(t.dim))
+        self.pos_conv_embed = PosConvEmbed(spec)
+        self.layer_norm = nn.LayerNorm(t.dim, eps=t.norm_eps)
+        self.dropout = nn.Dropout(t.dropout)
+        self.encoder = TransformerEncoder(t)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Kaiming-normal convolutions, normal(0.02) Linear layers, uniform [0, 1) mask embedding.
+
+        Idempotent; a ZeRO-3 caller may re-run it while the parameters are gathered.
+        """
+        init_linear_(self)
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+        nn.init.uniform_(self.masked_spec_embed)
+
+    def local_features(self, audio: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """CNN features projected to the model width, and which frames are padding.
+
+        Args:
+            audio: [B, S] normalised waveform.
+            padding_mask: [B, S] bool, True = padding sample, or None.
+        Returns:
+            (feats [B, T, C], frame padding mask [B, T] bool, True = padding, or None): a frame is
+            padding unless its whole receptive field lies in the valid samples.
+        """
+        feats = self.feature_projection(self.feature_extractor(audio).transpose(1, 2))
+        if padding_mask is None:
+            return feats, None
+        frames = conv_output_length(self.spec.conv_layers, (~padding_mask).sum(-1))
+        frame_pad = torch.arange(feats.shape[1], device=feats.device)[None, :] >= frames[:, None]
+        return feats, frame_pad
+
+    def views(self, batch: dict[str, Tensor]) -> Views:
+        """Local features computed once: the teacher reads them detached (the CNN is trained by the student).
+
+        Args:
+            batch: `audio` [B, S], `padding_mask` [B, S] bool, `mask` [B, T] bool.
+        Returns:
+            Views(feats [B, T, C], feats.detach(), frame padding mask [B, T] | None, mask [B, T]).
+        """
+        feats, frame_pad = self.local_features(batch["audio"], batch.get("padding_mask"))
+        return Views(feats, feats.detach(), frame_pad, batch["mask"])
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, padding_mask: Tensor | None = None,
+                top_k: int = 0, on_layer: LayerCallback | None = None) -> EncoderOutput:
+        """Encode local features.
+
+        Args:
+            x: [B, T, C] features from `local_features`.
+            mask: [B, T] bool, True = frame replaced by `masked_spec_embed` (student only), or None.
+            padding_mask: [B, T] bool, True = padding frame, or None.
+            top_k: number of final blocks whose target outputs are returned.
+            on_layer: streaming alternative to `layer_results` (see `TransformerEncoder.forward`).
+        Returns:
+            EncoderOutput: x [B, T, C] (last block output), layer_results top_k x [B, T, C],
+            padding_mask as given, cls None.
+        """
+        # A teacher kept in bf16 receives the student's fp32 features: compute in the weights' dtype.
+        h = self.dropout_input(x.to(self.layer_norm.weight.dtype))
+        if mask is not None:
+            h = torch.where(mask.unsqueeze(-1), self.masked_spec_embed.to(h.dtype), h)
+        if padding_mask is not None:
+            # Zero padded frames so the position convolution sees silence there, whatever the CNN made.
+            h = h.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        h = h + self.pos_conv_embed(h)
+        h = self.dropout(self.layer_norm(h))
+        h, layers = self.encoder(h, padding_mask=padding_mask, top_k=top_k,
+                                 grad_checkpointing=self.grad_checkpointing, on_layer=on_layer)
+        return EncoderOutput(x=h, layer_results=layers, padding_mask=padding_mask)

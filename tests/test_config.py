@@ -1,0 +1,88 @@
+"""Config: YAML + overrides precedence, validation messages, every shipped config loads."""
+from pathlib import Path
+
+import pytest
+
+from d2v_engine.config import Config, dump_config, load_config, parse_override, valid_keys
+from d2v_engine.errors import UserError
+from d2v_engine.models.registry import MODEL_REGISTRY
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+REQUIRED_KEYS = ["model.name", "data.path", "data.reader", "train.steps", "train.batch_size",
+                 "train.log_every", "train.save_every", "train.lr", "seed", "run.dir", "run.resume",
+                 "ds.zero_stage", "ds.precision", "kernels.backend"]
+
+
+def test_required_keys_exist():
+    assert set(REQUIRED_KEYS) <= set(valid_keys())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.name in MODEL_REGISTRY
+    assert cfg.teacher.anneal_steps > 0
+
+
+def test_expected_configs_shipped():
+    names = {p.stem for p in CONFIGS}
+    assert {"default", "debug_image", "debug_audio", "debug_text", "base_image", "base_audio",
+            "base_text"} <= names
+
+
+def test_precedence_override_beats_yaml_beats_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 7, lr: 0.5}\ntarget: {top_k: 2}\nseed: 3\n")
+    cfg = load_config(path, ["train.steps=9", "ds.precision=bf16", "data.mean=[0.1, 0.2, 0.3]"])
+    assert cfg.train.steps == 9            # override
+    assert cfg.train.lr == 0.5             # YAML
+    assert cfg.train.batch_size == Config().train.batch_size  # default
+    assert cfg.seed == 3 and cfg.ds.precision == "bf16" and cfg.data.mean == [0.1, 0.2, 0.3]
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(CONFIGS[0], ["train.steps=11"])
+    dump_config(cfg, tmp_path / "r.yaml")
+    assert load_config(tmp_path / "r.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.step=3", "did you mean 'train.steps'"),
+    ("trian.steps=3", "did you mean 'train.steps'"),
+    ("train.steps=abc", "expects an integer"),
+    ("train.steps=2.5", "expects an integer"),
+    ("ds.precision=fp16", "one of 'fp32', 'bf16'"),
+    ("kernels.backend=cuda", "one of 'auto'"),
+    ("run.resume=maybe", "true or false"),
+    ("model.name=image_dbg", "did you mean 'image_debug'"),
+    ("target.top_k=99", "exceeds"),
+    ("train.batch_size=30", "multiple of train.grad_accum"),
+    ("mask.prob=1.5", "mask.prob"),
+    ("nonsense", "section.key=value"),
+])
+def test_bad_values_give_one_sentence(override, fragment):
+    overrides = [override] + (["train.grad_accum=4"] if "batch_size" in override else [])
+    with pytest.raises(UserError) as err:
+        load_config(CONFIGS[0], overrides)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train: 3\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(wrong)
+
+
+def test_parse_override_reads_yaml_values():
+    assert load_config(CONFIGS[0], ["train.lr=1e-4"]).train.lr == 1e-4   # YAML 1.1 reads 1e-4 as text
+    assert parse_override("run.resume=true") == ("run.resume", True)
+    assert parse_override("run.dir=runs/x") == ("run.dir", "runs/x")
