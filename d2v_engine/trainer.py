@@ -163,6 +163,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.logger.log(self._metrics(window, stats, decay))
                 window = _Window()
+                self._check_bad_samples()
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
         bar.close()
@@ -186,6 +187,14 @@ class Trainer:
             "step_ms": 1000 * window.seconds / window.steps,
             "data_ms": 1000 * window.data_seconds / window.steps,
         }
+
+    def _check_bad_samples(self) -> None:
+        """Stop with one sentence once undecodable samples pass `data.max_bad_fraction`."""
+        read, bad = self.data.samples_read, self.data.bad_samples
+        if read and bad / read > self.cfg.data.max_bad_fraction:
+            raise UserError(f"{bad} of the {read} samples read from data.path '{self.cfg.data.path}' could "
+                            f"not be decoded, more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}; "
+                            f"fix or remove the bad files (the log names their shards and keys).")
 
     # ------------------------------------------------------------------------------ checkpoints
     def _saved_at(self, step: int) -> bool:
