@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_close
+from asserts import assert_close
 from d2v_engine.config import TargetConfig, TeacherConfig
 from d2v_engine.teacher import EMATeacher
 
