@@ -162,6 +162,8 @@ class RunConfig:
     """Run directory: config, metrics, TensorBoard, checkpoints, plots."""
     resume: bool = False
     """Continue from the newest checkpoint in `run.dir`."""
+    init_from: str = ""
+    """A `d2v export` file to start student and teacher from, at step 0, on any number of ranks."""
 
 
 @dataclass

@@ -1,31 +1,45 @@
-"""DeepSpeed: the process group, the DeepSpeed config (built in one place), and the engine.
+"""DeepSpeed: the process group, the DeepSpeed config (built in one place), the engines, collectives.
 
 `build_ds_config(cfg, world_size)` is the only place batch size, accumulation, clipping, precision
-and ZeRO stage reach DeepSpeed; the run directory keeps its output as `ds_config.json`.
+and ZeRO stage reach DeepSpeed; the run directory keeps its output as `ds_config.json`. The teacher's
+ZeRO-3 engine takes a config derived from it (`teacher_ds_config`), so nothing is stated twice.
+
+Parallelism is applied by free functions, in this order, and leaves the model code untouched:
+    build_engine(model, cfg, world_size)     the student under DeepSpeed (ZeRO 0-3, bf16, accumulation)
+    apply_zero3_teacher(teacher, ds_config)  ZeRO-3 only: the teacher partitioned like the student
 """
 from __future__ import annotations
 
 import math
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from d2v_engine.config import Config
 from d2v_engine.errors import UserError
 
+if TYPE_CHECKING:
+    from d2v_engine.teacher import EMATeacher
+
 
 def set_single_process_env() -> None:
-    """Make `python d2v_engine/pretrain.py` a one-rank job when no launcher set the environment."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as sock:  # a free port, so two single-process runs can coexist
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    """Make `python d2v_engine/pretrain.py` a one-rank job when no launcher set the environment.
+
+    A launcher sets all five variables; fill in only what is missing, so that a partial environment
+    (say RANK and WORLD_SIZE left behind without MASTER_PORT) never sends DeepSpeed to MPI discovery.
+    """
+    env = os.environ
+    if not env.get("MASTER_PORT"):
+        with socket.socket() as sock:  # a free port, so two single-process runs can coexist
+            sock.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(sock.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", env.get("RANK", "0")), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        env.setdefault(key, value)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -35,9 +49,10 @@ def init_distributed() -> tuple[int, int]:
     set_single_process_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return dist.get_rank(), dist.get_world_size()
 
 
+# ------------------------------------------------------------------------------ the DeepSpeed config
 def micro_batch_size(cfg: Config, world_size: int) -> int:
     """Samples per rank per micro-step; the global batch must split evenly."""
     per_step = world_size * cfg.train.grad_accum
@@ -71,15 +86,31 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
+def teacher_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's ZeRO-3 config: the student's, with no parameter kept gathered between uses.
+
+    ZeRO-3 keeps parameters below `stage3_param_persistence_threshold` elements (1e5 by default)
+    gathered after their first use, which would leave every rank a full teacher for small models.
+    The teacher runs once per micro-step, so re-gathering its small tensors costs little.
+    """
+    zero = {**ds_config["zero_optimization"], "stage3_param_persistence_threshold": 0}
+    return {**ds_config, "zero_optimization": zero}
+
+
+# ------------------------------------------------------------------------------ optimizer and schedule
+def decays(name: str, param: Tensor) -> bool:
+    """Whether AdamW decays a parameter: not biases, norms, 1-D parameters, tokens, bias tables."""
+    no_decay = ("_token", "relative_position_bias_table", "masked_spec_embed")
+    return not (param.ndim <= 1 or name.endswith(no_decay))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, 1-D parameters, tokens and bias tables."""
-    decay, no_decay = [], []
+    """AdamW groups, in this order: decayed parameters, then the rest (`decays`)."""
+    groups: tuple[list, list] = ([], [])
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("_token", "relative_position_bias_table", "masked_spec_embed"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            groups[0 if decays(name, p) else 1].append(p)
+    return [{"params": groups[0], "weight_decay": weight_decay}, {"params": groups[1], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -102,8 +133,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# ------------------------------------------------------------------------------ engines
 def build_engine(model: nn.Module, cfg: Config, world_size: int):
-    """`deepspeed.initialize` on our optimizer and schedule; returns (engine, ds_config)."""
+    """`deepspeed.initialize` on our optimizer and schedule; returns (engine, ds_config).
+
+    Under ZeRO-3 the engine partitions the (fully built, identically seeded) model over the ranks
+    here; every rank built the same weights, so no rank's copy is special.
+    """
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size)
@@ -111,3 +147,49 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config)
     return engine, ds_config
+
+
+def apply_zero3_teacher(teacher: "EMATeacher", ds_config: dict[str, Any]):
+    """Partition the teacher exactly like the student and let its forward gather it (ZeRO-3).
+
+    A second DeepSpeed engine without an optimizer (DeepSpeed's ZeRO-3 inference mode) splits every
+    teacher parameter into the same flat, padded per-rank slices as the student's parameter of the
+    same name (same shape, same ranks), and installs the ZeRO-3 hooks that all-gather a submodule's
+    parameters before its forward and free them after. The teacher then keeps only its partitions
+    (`EMATeacher.partition_`), which the EMA updates from the student's partitions.
+
+    Args:
+        teacher: the full teacher, built from the unwrapped student.
+        ds_config: the student's DeepSpeed config (`build_ds_config`).
+    Returns:
+        The teacher's engine (keep a reference: it owns the gather hooks' state).
+    """
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=teacher.module, config=teacher_ds_config(ds_config))
+    teacher.partition_()
+    return engine
+
+
+# ------------------------------------------------------------------------------ collectives
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """The sum over ranks of a small tensor (a new tensor; `values` itself is left alone)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (one rank: `[obj]`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -9,6 +9,12 @@ Per modality, the encoder says what the teacher owns (`teacher_exclude`, `teache
 
 The decay anneals linearly from `decay` to `end_decay` over `anneal_steps` optimizer steps, then
 holds (`decay_at`). `update` runs once per optimizer step, at the gradient-accumulation boundary.
+
+Under ZeRO 0-2 every rank keeps a full teacher and updates it from the student's replicated weights.
+Under ZeRO-3 (`distributed.apply_zero3_teacher`, then `partition_`) every rank keeps only its flat
+slice of each teacher tensor, laid out exactly like the student's slice of the same parameter, and
+updates it from that slice alone: no communication, and teacher memory per rank falls with the
+number of ranks. The forward gathers the slices through DeepSpeed's ZeRO-3 hooks.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from torch import Tensor, nn
 
 from d2v_engine import ops
 from d2v_engine.config import TargetConfig, TeacherConfig
+from d2v_engine.ops.streaming import TargetAccumulator
 
 
 def build_teacher_module(student: nn.Module) -> nn.Module:
@@ -57,7 +64,45 @@ class EMATeacher:
         else:
             self.master = {n: params[n].data.float() for n in names}
             self.shadow = {n: params[n].data for n in names}
-        self._student_cache: tuple[int, list[Tensor], list[Tensor]] | None = None
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        """Under ZeRO-3 (after `partition_`): each tensor's full shape; None while the teacher is whole."""
+        self._student_cache: tuple[int, list[nn.Parameter], list[nn.Parameter]] | None = None
+
+    def partition_(self) -> None:
+        """Keep only this rank's slices, once DeepSpeed has partitioned `module` (ZeRO-3).
+
+        A slice is DeepSpeed's: parameter flattened, zero-padded to a multiple of the rank count,
+        rank r's contiguous 1/world_size of it (`param.ds_tensor`), the same for the student's
+        parameter of that name. The fp32 master is cut from the full master (a bf16 run keeps its
+        fp32 bits); the module's own slice is the master (fp32) or its shadow (bf16).
+        """
+        import torch.distributed as dist
+
+        params = dict(self.module.named_parameters())
+        self.shapes = {n: tuple(params[n].ds_shape) for n in self.master}
+        master = {}
+        for n, full in self.master.items():
+            part = params[n].ds_tensor
+            start = dist.get_rank(group=params[n].ds_process_group) * part.numel()
+            piece = full.reshape(-1)[start:start + part.numel()]
+            master[n] = torch.zeros(part.numel(), dtype=torch.float32, device=part.device)
+            master[n][:piece.numel()] = piece
+            part.copy_(master[n])  # also zeroes the padding, which DeepSpeed leaves uninitialised
+        if self.shadow is None:
+            self.master = {n: params[n].ds_tensor for n in master}
+        else:
+            self.master, self.shadow = master, {n: params[n].ds_tensor for n in master}
+        self._student_cache = None
+
+    def memory_bytes(self) -> int:
+        """Bytes of teacher weights held by this rank now: fp32 master, compute-dtype copy, buffers.
+
+        Under ZeRO-3 these are slices, plus any parameter still gathered (none between forwards).
+        """
+        tensors = [*self.master.values(), *(self.shadow or {}).values(), *self.module.buffers()]
+        if self.shapes is not None:
+            tensors += [p.data for p in self.module.parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---------------------------------------------------------------- schedule and update
     def decay_at(self, step: int) -> float:
@@ -73,7 +118,11 @@ class EMATeacher:
             params = dict(student.named_parameters())
             self._student_cache = (id(student), [params[n] for n in self.ema_names],
                                    [params[n] for n in self.copy_names])
-        return self._student_cache[1], self._student_cache[2]
+        ema, copied = self._student_cache[1], self._student_cache[2]
+        if self.shapes is not None:
+            # ZeRO-3: the student's slices; read on every call, the optimizer owns their storage.
+            return [p.ds_tensor for p in ema], [p.ds_tensor for p in copied]
+        return [p.detach() for p in ema], [p.detach() for p in copied]
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> float:
@@ -90,12 +139,12 @@ class EMATeacher:
         if decay < 1.0:
             ema = [self.master[n] for n in self.ema_names]
             shadow = None if self.shadow is None else [self.shadow[n] for n in self.ema_names]
-            ops.ema_update_(ema, [p.detach() for p in ema_src], decay, shadow, backend=self.backend)
+            ops.ema_update_(ema, ema_src, decay, shadow, backend=self.backend)
         if copy_src:
             # decay 0 copies: the shared parts follow the student exactly, in the same kernel.
             dst = [self.master[n] for n in self.copy_names]
             shadow = None if self.shadow is None else [self.shadow[n] for n in self.copy_names]
-            ops.ema_update_(dst, [p.detach() for p in copy_src], 0.0, shadow, backend=self.backend)
+            ops.ema_update_(dst, copy_src, 0.0, shadow, backend=self.backend)
         return decay
 
     # ---------------------------------------------------------------- targets
@@ -110,14 +159,20 @@ class EMATeacher:
         Returns:
             [M, C] fp32 targets, rows in row-major order of `mask`.
         """
-        out = self.module(x, padding_mask=padding_mask, top_k=self.target_cfg.top_k)
-        return ops.make_targets(out.layer_results, layer_norm=self.target_cfg.layer_norm,
-                                final_norm=self.target_cfg.final_norm, mask=mask,
-                                padding_mask=out.padding_mask, backend=self.backend)
+        cfg = self.target_cfg
+        # Streaming (DESIGN §3): each top-K block output is normalised and added to one fp32
+        # [B, T, C] sum as its block finishes, so the teacher never holds K outputs at once.
+        acc = TargetAccumulator(cfg.top_k, layer_norm=cfg.layer_norm, final_norm=cfg.final_norm,
+                                padding_mask=padding_mask, backend=self.backend)
+        out = self.module(x, padding_mask=padding_mask, top_k=cfg.top_k, on_layer=acc)
+        return acc.finish(mask, padding_mask=out.padding_mask)
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Tensor]:
-        """The fp32 master weights by parameter name (the teacher's whole learned state)."""
+        """The fp32 master weights by parameter name (the teacher's whole learned state).
+
+        Under ZeRO-3, this rank's flat slices (see `partition_`; `shapes` gives the full shapes).
+        """
         return {n: t.detach().clone().cpu() for n, t in self.master.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:

@@ -1,14 +1,16 @@
 """The training loop: forward/backward through DeepSpeed, the EMA update, logging and checkpoints.
 
-    Trainer(cfg)              builds data, student, teacher and the DeepSpeed engine, resumes if asked
+    Trainer(cfg)              builds data, student, teacher and the DeepSpeed engine(s), resumes if asked
     .forward_backward_step    one micro-batch: targets, predictions, loss, backward
     .train_step               one optimizer step: `grad_accum` micro-batches, then the EMA update
     .train                    the loop: steps, metrics lines, checkpoints
+    .save_checkpoint          DeepSpeed's checkpoint + client state, published atomically
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import time
@@ -22,12 +24,15 @@ from tqdm import tqdm
 
 from d2v_engine import distributed
 from d2v_engine.config import Config, dump_config
-from d2v_engine.data import build_loader
+from d2v_engine.data import BatchStream, build_loader
 from d2v_engine.errors import UserError
 from d2v_engine.metrics import MetricsLogger, git_record, plot_run
 from d2v_engine.models.data2vec import Data2Vec, masked_std
 from d2v_engine.models.registry import build_encoder, get_spec, with_overrides
 from d2v_engine.teacher import EMATeacher
+
+CHECKPOINT_META = "d2v.json"
+"""Written into a checkpoint's folder before `latest` names it: step, ranks, ZeRO stage, precision."""
 
 
 def seed_everything(seed: int) -> None:
@@ -57,18 +62,22 @@ class Trainer:
     # config
     cfg: Config
     # components
-    engine: Any
-    model: Data2Vec
+    engine: Any                  # the student's DeepSpeed engine
+    model: Data2Vec              # engine.module
     teacher: EMATeacher
-    data: Any
+    teacher_engine: Any | None   # ZeRO-3 only: partitions the teacher, gathers it for its forward
+    data: BatchStream
     logger: MetricsLogger
     # runtime
     rank: int
     world_size: int
     device: torch.device
+    input_dtype: torch.dtype
     run_dir: Path
+    ckpt_dir: Path
     # state
-    step: int
+    step: int                    # optimizer steps completed
+    saved_step: int              # step of the newest published checkpoint, -1 = none
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -78,7 +87,7 @@ class Trainer:
             else torch.device("cpu")
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step = 0
+        self.step, self.saved_step = 0, -1
         self._grad_norm: Tensor | float = float("nan")
 
         # data first: a text model's vocabulary comes from the data's tokenizer
@@ -88,16 +97,28 @@ class Trainer:
         if spec.modality == "text":
             spec = dataclasses.replace(spec, vocab_size=self.data.vocab_size)
 
-        # student, then the teacher as its copy, then the engine that owns the student
+        # student, whole and identical on every rank (same seed); weights from run.init_from if set
+        # (a checkpoint that run.resume finds later replaces them: a restarted job continues)
         encoder = build_encoder(spec).to(self.device)
+        # activation checkpointing: the student's blocks recompute their activations in backward
         encoder.grad_checkpointing = cfg.train.activation_checkpointing
         model = Data2Vec(encoder, cfg.loss, backend=cfg.kernels.backend)
+        init = self._load_init_from(model) if cfg.run.init_from else None
+
+        # teacher: a copy of the unwrapped student, made before DeepSpeed partitions it
         bf16 = cfg.ds.precision == "bf16"
+        self.input_dtype = torch.bfloat16 if bf16 else torch.float32
         self.teacher = EMATeacher(encoder, cfg.teacher, cfg.target, backend=cfg.kernels.backend,
-                                  compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+                                  compute_dtype=self.input_dtype)
+        if init is not None:
+            self.teacher.load_state_dict(init["teacher"])
+
+        # parallelism: the student's engine, then (ZeRO-3) the teacher partitioned the same way
         self.engine, ds_config = distributed.build_engine(model, cfg, self.world_size)
         self.model = self.engine.module
-        self.input_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.teacher_engine = None
+        if cfg.ds.zero_stage == 3:
+            self.teacher_engine = distributed.apply_zero3_teacher(self.teacher, ds_config)
 
         # run record
         if self.rank == 0:
@@ -106,11 +127,28 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
             (self.run_dir / "git.txt").write_text(git_record() + "\n")
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, enabled=self.rank == 0, echo=tqdm.write)
+        self._report_teacher_memory()
         if cfg.run.resume:
             self.load_checkpoint()
 
     def _build_data(self, spec, position):
         return build_loader(self.cfg, spec, rank=self.rank, world_size=self.world_size, position=position)
+
+    def _load_init_from(self, model: Data2Vec) -> dict[str, Any]:
+        """Student weights from a `d2v export` file (before any partitioning); returns the file's contents."""
+        from d2v_engine.export import load_export, load_student_
+
+        init = load_export(self.cfg.run.init_from, self.cfg.model.name)
+        load_student_(model, init, where=f"run.init_from '{self.cfg.run.init_from}'")
+        return init
+
+    def _report_teacher_memory(self) -> None:
+        """One line: the teacher weights each rank holds (halves with 2 ranks under ZeRO-3)."""
+        held = distributed.all_gather_objects(self.teacher.memory_bytes())
+        if self.rank == 0:
+            how = (f"ZeRO-3 slices over {self.world_size} rank(s)" if self.teacher_engine is not None
+                   else "a full replica on each rank")
+            tqdm.write(f"teacher: {max(held)} bytes per rank ({how})")
 
     # ------------------------------------------------------------------------------ the step
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -123,6 +161,7 @@ class Trainer:
         loss, stats = self.engine(self._to_device(batch), self.teacher)
         self.engine.backward(loss)
         if measure_grad_norm:
+            # After the boundary's backward the gradients are averaged over ranks: the same norm everywhere.
             self._grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.model.parameters() if p.grad is not None])
         self.engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
@@ -146,6 +185,8 @@ class Trainer:
             loss, stats = self.forward_backward_step(batch, measure_grad_norm=measure and i == accum - 1)
             losses.append(loss)
         self.step += 1
+        # EMA at the accumulation boundary, from the student the optimizer just updated (its
+        # partition under ZeRO-3: each rank updates only its own slice of the teacher).
         decay = self.teacher.update(self.model.encoder, self.step)
         return torch.stack(losses).mean(), stats, data_s, decay
 
@@ -161,79 +202,150 @@ class Trainer:
             window.add(loss, time.perf_counter() - t0, data_s)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.logger.log(self._metrics(window, stats, decay))
+                metrics, read, bad = self._metrics(window, stats, decay)
+                self.logger.log(metrics)
                 window = _Window()
-                self._check_bad_samples()
+                self._check_bad_samples(read, bad)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if not self._saved_at(self.step):
+        if self.saved_step != self.step:
             self.save_checkpoint()
 
-    def _metrics(self, window: "_Window", stats: dict[str, Tensor], decay: float) -> dict[str, float]:
-        # .item() here only, once per logging interval: each is a device sync point.
+    def _metrics(self, window: "_Window", stats: dict[str, Tensor], decay: float
+                 ) -> tuple[dict[str, float], int, int]:
+        """The metrics line's values, and the samples read and failed on all ranks.
+
+        One all-reduce per logging interval: loss and spreads are averaged over the ranks, sample
+        counts summed. `.tolist()` is the interval's one device sync point.
+        """
+        local = torch.stack([window.loss_sum / window.steps, masked_std(stats["target"]),
+                             masked_std(stats["pred"])]).double()
+        counts = torch.tensor([self.data.samples_read, self.data.bad_samples], dtype=torch.float64,
+                              device=local.device)
+        total = distributed.all_reduce_sum(torch.cat([local, counts])).tolist()
+        loss, target_var, pred_var = (v / self.world_size for v in total[:3])
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
-        return {
+        metrics = {
             "step": self.step,
-            "loss": (window.loss_sum / window.steps).item(),
+            "loss": loss,
             "lr": self.engine.get_lr()[0],
             "ema_decay": decay,
-            "target_var": masked_std(stats["target"]).item(),
-            "pred_var": masked_std(stats["pred"]).item(),
+            "target_var": target_var,
+            "pred_var": pred_var,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "samples_per_s": window.steps * self.cfg.train.batch_size / window.seconds,
             "step_ms": 1000 * window.seconds / window.steps,
             "data_ms": 1000 * window.data_seconds / window.steps,
         }
+        return metrics, int(total[3]), int(total[4])
 
-    def _check_bad_samples(self) -> None:
-        """Stop with one sentence once undecodable samples pass `data.max_bad_fraction`."""
-        read, bad = self.data.samples_read, self.data.bad_samples
+    def _check_bad_samples(self, read: int, bad: int) -> None:
+        """Stop with one sentence once undecodable samples (all ranks) pass `data.max_bad_fraction`."""
         if read and bad / read > self.cfg.data.max_bad_fraction:
             raise UserError(f"{bad} of the {read} samples read from data.path '{self.cfg.data.path}' could "
                             f"not be decoded, more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}; "
                             f"fix or remove the bad files (the log names their shards and keys).")
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _saved_at(self, step: int) -> bool:
-        return (self.ckpt_dir / f"step{step:08d}").is_dir()
-
     def save_checkpoint(self) -> None:
-        """DeepSpeed's checkpoint plus the teacher, the step, the data position and all RNG states."""
-        client_state = {"step": self.step, "data": self.data.state_dict(),
-                        "teacher": self.teacher.state_dict(), "rng": rng_state()}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step:08d}", client_state=client_state)
+        """DeepSpeed's checkpoint plus the teacher, the step, the data position and all RNG states.
+
+        Complete or absent: every rank writes under a new tag, and only once all have finished
+        does rank 0 write the tag's `d2v.json` and atomically point `latest` at it. A run killed
+        mid-save leaves `latest` on the previous checkpoint.
+        """
+        tag = f"step{self.step:08d}"
+        if self.rank == 0 and (self.ckpt_dir / tag).exists():
+            # An unpublished leftover of a killed run. No rank writes before the all-gather below,
+            # which rank 0 joins only after this.
+            shutil.rmtree(self.ckpt_dir / tag)
+        client_state = {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "teacher": self.teacher.state_dict(),          # this rank's slices under ZeRO-3
+            "teacher_shapes": self.teacher.shapes,         # None unless sliced
+            "rng": distributed.all_gather_objects(rng_state()),   # every rank's, in rank order
+        }
+        # save_checkpoint ends with a barrier: past it, every rank's files are written.
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         if self.rank == 0:
-            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[:-self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            meta = {"step": self.step, "world_size": self.world_size, "zero_stage": self.cfg.ds.zero_stage,
+                    "precision": self.cfg.ds.precision, "model": self.cfg.model.name}
+            (self.ckpt_dir / tag / CHECKPOINT_META).write_text(json.dumps(meta) + "\n")
+            _write_atomic(self.ckpt_dir / "latest", tag)
+            _prune_checkpoints(self.ckpt_dir, tag, self.cfg.train.keep_checkpoints)
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
         """Continue from the newest checkpoint in `run.dir`; a fresh start when there is none."""
-        if not (self.ckpt_dir / "latest").is_file():
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
             if self.rank == 0:
                 tqdm.write(f"run.resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
             return
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        tag = latest.read_text().strip()
+        meta = self._checkpoint_meta(tag)
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if path is None:
-            raise UserError(f"the checkpoint in {self.ckpt_dir} could not be loaded; "
+            raise UserError(f"the checkpoint {self.ckpt_dir / tag} could not be loaded; "
                             f"remove it or start a new run.dir.")
-        self.step = client["step"]
+        self.step = self.saved_step = client["step"]
         self.teacher.load_state_dict(client["teacher"])
         self.data = self._build_data(self.model.encoder.spec, position=client["data"])
-        set_rng_state(client["rng"])
+        set_rng_state(client["rng"][self.rank])
         if self.rank == 0:
-            tqdm.write(f"resumed from {path} at step {self.step}")
+            tqdm.write(f"resumed from {path} at step {self.step} (ZeRO-{meta['zero_stage']}, "
+                       f"{meta['world_size']} rank(s))")
+
+    def _checkpoint_meta(self, tag: str) -> dict[str, Any]:
+        """The tag's `d2v.json`, checked against this run's ranks, ZeRO stage and precision."""
+        path = self.ckpt_dir / tag / CHECKPOINT_META
+        if not path.is_file():
+            raise UserError(f"the checkpoint {self.ckpt_dir / tag} named by 'latest' is incomplete (no "
+                            f"{CHECKPOINT_META}); point 'latest' at an earlier step or start a new run.dir.")
+        meta = json.loads(path.read_text())
+        saved = (meta["world_size"], meta["zero_stage"], meta["precision"])
+        here = (self.world_size, self.cfg.ds.zero_stage, self.cfg.ds.precision)
+        if saved != here:
+            raise UserError(
+                f"checkpoint {tag} was written by {saved[0]} rank(s) with ZeRO-{saved[1]} in {saved[2]}, "
+                f"but this run has {here[0]} rank(s) with ZeRO-{here[1]} in {here[2]}; resume with the "
+                f"same setting, or export the weights (`d2v export --run {self.run_dir} --out "
+                f"weights.pt`) and start a new run.dir from them with run.init_from=weights.pt.")
+        return meta
 
     def close(self) -> None:
-        """Flush logs, draw the plot, and leave the process group in step with the other ranks."""
+        """Stop the data workers, flush logs, leave in step with the other ranks, draw the plot."""
+        self.data.close()  # joins the DataLoader workers, which would otherwise outlive os._exit
         self.logger.close()
+        distributed.barrier()
         if self.rank == 0:
-            plot_run(self.run_dir)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            try:
+                plot_run(self.run_dir)
+            except Exception as err:  # the plot is a convenience: never fail a finished run over it
+                tqdm.write(f"warning: could not draw {self.run_dir / 'plots'}: {err}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old content or the new, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune_checkpoints(ckpt_dir: Path, published: str, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `published`; drop older ones and unpublished newer ones."""
+    tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+    older = [t for t in tags if t <= published]
+    stale = [t for t in tags if t > published] + older[:-keep]
+    for tag in stale:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
 @dataclasses.dataclass

@@ -1,10 +1,18 @@
-"""Shared test fixtures: deterministic seeding (assertion helpers live in tests/asserts.py)."""
+"""Shared test fixtures: deterministic seeding, the small prepared data sets (assertion helpers live
+in tests/asserts.py)."""
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on a CPU only under the interpreter, and the switch is read when triton is
+    # first imported (torch.compile imports it too): set it before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +21,14 @@ def _seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """The three offline data sets, cut down to a few hundred samples each (end-to-end tests)."""
+    from d2v_engine.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("data")
+    for name, limit in (("fashion-mnist", 512), ("spoken-words", 48), ("text-corpus", 600)):
+        prepare(name, root, PrepareOptions(limit=limit, shard_size=128, workers=2))
+    return root

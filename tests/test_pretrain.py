@@ -2,6 +2,7 @@
 
 Each debug config trains with a falling loss and a non-collapsed target; a resumed run continues the
 uninterrupted run's loss curve exactly; user mistakes end with one sentence and exit status 2.
+The data sets come from the `data_root` fixture in conftest.py.
 """
 from __future__ import annotations
 
@@ -14,20 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from d2v_engine.data.prepare import PrepareOptions, prepare
-
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
 SETS = {"image": "fashion-mnist", "audio": "spoken-words", "text": "text-corpus"}
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """The three offline data sets, cut down to a few hundred samples each."""
-    root = tmp_path_factory.mktemp("data")
-    for name, limit in (("fashion-mnist", 512), ("spoken-words", 48), ("text-corpus", 600)):
-        prepare(name, root, PrepareOptions(limit=limit, shard_size=128, workers=2))
-    return root
 
 
 def pretrain(config: str, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
