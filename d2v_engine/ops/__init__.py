@@ -5,6 +5,7 @@ field and is passed down explicitly. `ops/reference.py` is the specification eve
 tested against. Adding a backend is one entry in `_BACKENDS` (and its place in `_AUTO_ORDER`).
 """
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -29,6 +30,18 @@ _BACKENDS: dict[str, _Backend] = {
     "reference": _Backend(reference.ema_update_ref, reference.make_targets_ref,
                           reference.regression_loss_ref),
 }
+if importlib.util.find_spec("triton") is not None:
+    # Triton is optional (the `gpu` extra); it is imported at the first call (ops/triton.py).
+    from d2v_engine.ops import triton as _triton
+
+    _BACKENDS["triton"] = _Backend(_triton.ema_update_, _triton.make_targets,
+                                   _triton.regression_loss)
+try:  # the C++ backend exists when setup.py built the extension d2v_engine._C
+    from d2v_engine.ops import cpp as _cpp
+except ImportError:
+    pass
+else:
+    _BACKENDS["cpp"] = _Backend(_cpp.ema_update_, _cpp.make_targets, _cpp.regression_loss)
 # What "auto" prefers per device type; names absent from _BACKENDS are skipped.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "reference"),
@@ -36,7 +49,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 _KNOWN = ("auto", "reference", "triton", "cpp")
 _MISSING_REASON = {
-    "triton": "the Triton kernels are not part of it yet",
+    "triton": "the triton package is not installed: pip install triton",
     "cpp": "the C++ extension d2v_engine._C is not part of it yet",
 }
 
@@ -64,6 +77,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend not in _BACKENDS:
         raise UserError(f"kernels.backend={backend!r} is not available in this build "
                         f"({_MISSING_REASON[backend]}); use kernels.backend=reference or auto.")
+    if backend == "triton" and not _triton.runs_on(device):
+        raise UserError(f"kernels.backend='triton' runs on CUDA tensors, not on "
+                        f"{torch.device(device).type} ones (CPU only under the slow Triton "
+                        f"interpreter, TRITON_INTERPRET=1); use kernels.backend=auto.")
     return backend
 
 

@@ -255,7 +255,7 @@ def test_ema_update_rejects_bad_arguments():
 def test_dispatch_reaches_the_reference():
     layers = [torch.randn(2, 5, 8) for _ in range(2)]
     mask = torch.rand(2, 5) < 0.5
-    assert torch.equal(ops.make_targets(layers, layer_norm="layer", mask=mask),
+    assert torch.equal(ops.make_targets(layers, layer_norm="layer", mask=mask, backend="reference"),
                        make_targets_ref(layers, layer_norm="layer", mask=mask))
     pred, target = torch.randn(4, 8), torch.randn(4, 8)
     assert torch.equal(ops.regression_loss(pred, target, beta=0.0, backend="reference"),
@@ -264,7 +264,9 @@ def test_dispatch_reaches_the_reference():
     expected = 0.5 * ema[0] + 0.5 * student[0]
     ops.ema_update_(ema, student, 0.5, backend="auto")
     assert_close(ema[0], expected, rtol=1e-6, atol=1e-7)
-    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+    # auto prefers the C++ extension for CPU tensors when it is built.
+    assert ops.resolve_backend("auto", torch.device("cpu")) == ("cpp" if "cpp" in ops._BACKENDS
+                                                                else "reference")
     # auto prefers the Triton kernels for CUDA tensors when triton is installed.
     assert ops.resolve_backend("auto", "cuda") == ("triton" if "triton" in ops._BACKENDS
                                                    else "reference")
@@ -272,8 +274,10 @@ def test_dispatch_reaches_the_reference():
 
 @pytest.mark.parametrize("backend", ["triton", "cpp", "fast"])
 def test_unavailable_or_unknown_backend_is_a_user_error(backend, monkeypatch):
-    # Outside the Triton interpreter, triton is unavailable for CPU tensors even when installed.
+    # Outside the Triton interpreter, triton is unavailable for CPU tensors even when installed;
+    # the C++ backend is unavailable when the extension was not built (simulated here).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delitem(ops._BACKENDS, "cpp", raising=False)
     with pytest.raises(UserError, match="kernels.backend"):
         ops.resolve_backend(backend, "cpu")
     with pytest.raises(UserError):
