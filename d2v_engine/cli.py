@@ -1,5 +1,5 @@
-"""The `d2v` command: one subcommand per task (`prepare` now; `shards`, `eval`, `profile`,
-`export` join the same table).
+"""The `d2v` command: one subcommand per task (`prepare`, `eval`, `profile`; `shards` and `export`
+join the same table).
 
 Each subcommand is a pair: `_add_<name>(subparsers)` declares its arguments, `_run_<name>(args)` does
 the work and returns the exit status. `main()` turns a `UserError` into one line on stderr and exit
@@ -47,11 +47,111 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _add_eval(subparsers) -> None:
+    from d2v_engine.eval import TASKS
+
+    p = subparsers.add_parser(
+        "eval", help="probe a run's frozen encoder beside a random-init one",
+        description="k-NN (cosine) and linear-probe accuracy of a run's frozen, mean-pooled encoder "
+                    "features, and of an encoder of the same shape at the run's random "
+                    "initialisation. Writes eval.json and plots/eval.png into the run.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run", dest="run_dir", metavar="DIR", help="the run directory (its run.dir)")
+    where.add_argument("--config", help="a config whose run.dir (after the overrides) is the run")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="with --config: overrides that resolve run.dir")
+    p.add_argument("--task", action="append", choices=TASKS, dest="tasks", default=[],
+                   help="a task (repeatable; default: every task of the run's modality)")
+    p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument("--probe-train", metavar="SHARDS",
+                   help="custom task: labelled shards (.cls) to fit the probes on")
+    p.add_argument("--probe-test", metavar="SHARDS", help="custom task: labelled shards to score the probes on")
+    p.add_argument("--data", dest="data_root", metavar="DIR",
+                   help="folder of the prepared data sets (default: from the run's data.path, else data)")
+    p.add_argument("--limit-train", type=_positive, metavar="N",
+                   help="at most this many probe training samples (fashion-mnist default: 10000)")
+    p.add_argument("--limit-test", type=_positive, metavar="N", help="at most this many probe test samples")
+    p.add_argument("--batch-size", type=_positive, default=256, metavar="N", help="samples per forward pass")
+    p.add_argument("--weights", choices=("student", "teacher"), default="student",
+                   help="which trained weights to probe (default: student)")
+    p.add_argument("--tag", help="checkpoint tag (default: the newest)")
+    p.add_argument("--k", type=_positive, default=20, metavar="N",
+                   help="neighbours of the k-NN probe (default 20)")
+    p.add_argument("--raw", action="store_true", help="also probe the raw input (images) as a baseline")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from d2v_engine.eval import EvalOptions, run_eval
+
+    run_dir = args.run_dir
+    if args.config is not None:
+        from d2v_engine.config import load_config
+
+        run_dir = load_config(args.config, args.overrides).run.dir
+    elif args.overrides:
+        raise UserError("config overrides need --config; with --run the run's own config.yaml applies.")
+    opts = EvalOptions(tasks=args.tasks, data_root=args.data_root, probe_train=args.probe_train,
+                       probe_test=args.probe_test, limit_train=args.limit_train,
+                       limit_test=args.limit_test, batch_size=args.batch_size, weights=args.weights,
+                       tag=args.tag, k=args.k, raw=args.raw)
+    run_eval(run_dir, opts, json_path=args.json)
+    return 0
+
+
+def _add_profile(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="time the phases of a training step",
+        description="Run warm-up and measured training steps of a config and print the time per step "
+                    "split into phases, samples/s, model FLOPs and MFU, and peak memory. Writes "
+                    "profile.json, profile.png and a Chrome trace (trace.json) into --out.")
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--warmup", type=int, default=5, metavar="N", help="steps run before measuring (default 5)")
+    p.add_argument("--steps", type=_positive, default=20, metavar="N", help="measured steps (default 20)")
+    p.add_argument("--trace-steps", type=int, default=2, metavar="N",
+                   help="steps recorded by torch.profiler after the measured ones (0 = no trace)")
+    p.add_argument("--compare", metavar="KEY=A,B",
+                   help="profile two values of one config key, e.g. kernels.backend=reference,auto")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <run.dir>/profile)")
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(args) -> int:
+    from d2v_engine.profile import ProfileOptions, run_profile
+
+    opts = ProfileOptions(warmup=args.warmup, steps=args.steps, trace_steps=args.trace_steps)
+    run_profile(args.config, args.overrides, opts, compare=args.compare, out=args.out)
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a run's consolidated fp32 student and teacher weights",
+        description="Gather a checkpoint's student and teacher weights, whatever the ZeRO stage and "
+                    "number of ranks that wrote it, into one fp32 file. A new run on any number of "
+                    "ranks starts from it with run.init_from=FILE.")
+    p.add_argument("--run", dest="run_dir", metavar="DIR", required=True,
+                   help="the run directory (its run.dir)")
+    p.add_argument("--out", metavar="FILE", required=True, help="the weights file to write")
+    p.add_argument("--tag", help="checkpoint tag (default: the one checkpoints/latest names)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from d2v_engine.export import export_run
+
+    exported = export_run(args.run_dir, args.out, tag=args.tag)
+    print(f"d2v export: {exported['model']} at step {exported['step']} ({len(exported['student'])} student "
+          f"and {len(exported['teacher'])} teacher tensors) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `d2v` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec engine tools.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prepare,):
+    for add in (_add_prepare, _add_eval, _add_profile, _add_export):
         add(subparsers)
     return parser
 
