@@ -50,6 +50,11 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def interpreted(backend: str) -> bool:
+    """Whether `backend` runs in Triton's CPU interpreter here (slow: keep its shapes small)."""
+    return backend == "triton" and not torch.cuda.is_available()
+
+
 def assert_low_precision_close(actual: torch.Tensor, exact: torch.Tensor, *,
                                floor: float = 1e-6) -> None:
     """flash-attention's rule for a low-precision output (bf16/fp16) of a kernel.

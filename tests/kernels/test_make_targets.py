@@ -7,7 +7,7 @@ tolerance too (stricter than the low-precision rule): only the order of summatio
 
 import pytest
 import torch
-from backends import BACKENDS, FUSED_BACKENDS, device_for
+from backends import BACKENDS, FUSED_BACKENDS, device_for, interpreted
 from asserts import assert_close
 
 from d2v_engine import ops
@@ -49,6 +49,8 @@ def _check(backend, layers, **kwargs):
 @pytest.mark.parametrize("final_norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_reference(backend, shape, layer_norm, final_norm, dtype):
+    if interpreted(backend) and shape[2] > 341:
+        pytest.skip("C = 1023 is too slow for the Triton interpreter; it runs on GPUs")
     batch, steps = shape[:2]
     layers = _layers(shape, dtype)
     mask = torch.rand(batch, steps) < 0.5
