@@ -18,9 +18,8 @@ Usage: python benchmarks/bench_make_targets.py [--quick] [--providers cpp,refere
 """
 
 import torch
-from harness import Case, Figure, Provider, Skip, main
+from harness import Case, Figure, main, op_providers
 
-from d2v_engine import ops
 from d2v_engine.ops.reference import make_targets_ref
 
 
@@ -56,33 +55,7 @@ def _call(fn, inputs):
                       final_norm=inputs["final_norm"], mask=inputs["mask"])
 
 
-def reference(inputs):
-    return _call(make_targets_ref, inputs)
-
-
-def torch_compile(inputs):
-    run = _call(torch.compile(make_targets_ref), inputs)
-    try:
-        run()
-    except Exception as error:  # noqa: BLE001  (any compiler failure is a skip with its reason)
-        raise Skip(f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}") from None
-    return run
-
-
-def backend(name):
-    def setup(inputs):
-        if name not in ops._BACKENDS:
-            raise Skip(f"the {name} backend is not available in this build")
-        return _call(lambda *a, **kw: ops.make_targets(*a, backend=name, **kw), inputs)
-    return setup
-
-
-PROVIDERS = [
-    Provider("reference", reference),
-    Provider("torch_compile", torch_compile),
-    Provider("cpp", backend("cpp"), devices=("cpu",)),
-    Provider("triton", backend("triton"), devices=("cuda",)),
-]
+PROVIDERS = op_providers("make_targets", make_targets_ref, _call)
 
 FIGURES = [  # the issue's CPU targets
     Figure("audio_base", "cpp", "reference", at_least=5.0),

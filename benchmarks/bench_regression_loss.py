@@ -18,9 +18,8 @@ Usage: python benchmarks/bench_regression_loss.py [--quick] [--providers cpp,ref
 import math
 
 import torch
-from harness import Case, Figure, Provider, Skip, main
+from harness import Case, Figure, main, op_providers
 
-from d2v_engine import ops
 from d2v_engine.ops.reference import regression_loss_ref
 
 
@@ -56,33 +55,7 @@ def _step(fn, inputs):
     return run
 
 
-def reference(inputs):
-    return _step(regression_loss_ref, inputs)
-
-
-def torch_compile(inputs):
-    run = _step(torch.compile(regression_loss_ref), inputs)
-    try:
-        run()
-    except Exception as error:  # noqa: BLE001  (any compiler failure is a skip with its reason)
-        raise Skip(f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}") from None
-    return run
-
-
-def backend(name):
-    def setup(inputs):
-        if name not in ops._BACKENDS:
-            raise Skip(f"the {name} backend is not available in this build")
-        return _step(lambda *a, **kw: ops.regression_loss(*a, backend=name, **kw), inputs)
-    return setup
-
-
-PROVIDERS = [
-    Provider("reference", reference),
-    Provider("torch_compile", torch_compile),
-    Provider("cpp", backend("cpp"), devices=("cpu",)),
-    Provider("triton", backend("triton"), devices=("cuda",)),
-]
+PROVIDERS = op_providers("regression_loss", regression_loss_ref, _step)
 
 FIGURES = [  # the CPU target
     Figure("16384x768 fp32", "cpp", "reference", at_least=2.0),

@@ -57,6 +57,43 @@ class Provider:
     devices: tuple[str, ...] = ("cpu", "cuda")
 
 
+def op_providers(op: str, reference_fn: Callable, call: Callable[[Callable, dict], Callable[[], object]]
+                 ) -> list[Provider]:
+    """The providers every `d2v_engine.ops` op has: its reference, torch.compile of the reference,
+    and the cpp and triton backends through the op's dispatch.
+
+    Args:
+        op: the op's name in `d2v_engine.ops` ("make_targets", "regression_loss", ...).
+        reference_fn: the op's `*_ref` function from ops/reference.py.
+        call: `call(fn, inputs)` returns the no-argument function to time, calling `fn` with the
+            op's arguments taken from the case's inputs.
+    Returns:
+        providers named reference, torch_compile, cpp (CPU only) and triton (CUDA only).
+    """
+    from d2v_engine import ops
+
+    def compiled(inputs):
+        run = call(torch.compile(reference_fn), inputs)
+        try:
+            run()
+        except Exception as error:  # noqa: BLE001  (any compiler failure is a skip with its reason)
+            raise Skip(f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}") from None
+        return run
+
+    def backend(name):
+        def setup(inputs):
+            if name not in ops._BACKENDS:
+                raise Skip(f"the {name} backend is not available in this build")
+            dispatched = getattr(ops, op)
+            return call(lambda *args, **kwargs: dispatched(*args, backend=name, **kwargs), inputs)
+        return setup
+
+    return [Provider("reference", lambda inputs: call(reference_fn, inputs)),
+            Provider("torch_compile", compiled),
+            Provider("cpp", backend("cpp"), devices=("cpu",)),
+            Provider("triton", backend("triton"), devices=("cuda",))]
+
+
 @dataclass
 class Timing:
     median_s: float
