@@ -23,7 +23,8 @@ def native_extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("d2v_engine._C", CSRC, extra_compile_args=["-O3", "-fopenmp"],
+    # -g0: Python's default flags carry -g, which makes the library 10x larger for no user benefit.
+    ext = CppExtension("d2v_engine._C", CSRC, extra_compile_args=["-O3", "-g0", "-fopenmp"],
                        extra_link_args=["-fopenmp"])
 
     class OptionalBuildExtension(BuildExtension):
