@@ -49,7 +49,30 @@ def init_distributed() -> tuple[int, int]:
     set_single_process_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if not torch.cuda.is_available():
+        share_cpu_cores()
     return dist.get_rank(), dist.get_world_size()
+
+
+def share_cpu_cores() -> int:
+    """Give each CPU rank its share of this machine's cores, unless OMP_NUM_THREADS says otherwise.
+
+    torch starts one thread per core in every process, so N ranks on one machine oversubscribe the
+    cores N times over (torchrun sets OMP_NUM_THREADS=1 for this reason; DeepSpeed's launcher only
+    with --bind_cores_to_rank). The launcher says how many ranks share the machine (LOCAL_SIZE for
+    DeepSpeed's, LOCAL_WORLD_SIZE for torchrun's).
+
+    Returns:
+        the number of intra-op threads this rank uses.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // max(1, local))
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 # ------------------------------------------------------------------------------ the DeepSpeed config

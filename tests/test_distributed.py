@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2v_engine import distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
 RECIPE = ("train.steps=12", "train.log_every=1", "train.save_every=6", "train.keep_checkpoints=3",
@@ -182,3 +184,18 @@ def test_export_then_start_another_world_size_from_it(images, one_rank, zero3, t
     fresh = tmp_path / "fresh"
     ok(launch(fresh, images, "ds.zero_stage=1", f"run.init_from={out}", "train.steps=1", ranks=1))
     assert losses(fresh)[1] < 0.9 * losses(one_rank)[1]   # trained weights, on the same first batch
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    """Without OMP_NUM_THREADS, each of LOCAL_SIZE ranks takes its share of the cores, never more."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", str(cores))
+        assert distributed.share_cpu_cores() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+        assert distributed.share_cpu_cores() == before   # the user's setting wins
+    finally:
+        torch.set_num_threads(before)
