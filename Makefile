@@ -15,6 +15,8 @@ ARGS ?=
 APT_PKGS := dataset-fashion-mnist espeak-ng sox libsox-fmt-all wordnet-base bible-kjv fortunes
 PY_DEPS := numpy triton pybind11 webdataset soundfile pillow tokenizers pyyaml tqdm tensorboard \
            matplotlib scikit-learn pytest
+# The `hf` extra, installed so that the Hugging Face interop tests run (tests/test_hf.py).
+HF_DEPS := transformers==5.24.0 safetensors
 
 # On a CUDA machine keep the torch that is installed there (the venv sees the system packages);
 # elsewhere pin the CPU build, in every pip command, so that nothing pulls a multi-GB CUDA build.
@@ -44,7 +46,7 @@ $(STAMPS)/python: setup.py Makefile $(STAMPS)/apt
 	@mkdir -p $(STAMPS)
 	@[ -x $(PY) ] || python3 -m venv $(VENV_FLAGS) .venv
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH) $(PY_DEPS)
+	$(PIP) install -q $(TORCH) $(PY_DEPS) $(HF_DEPS)
 	# DeepSpeed builds from source against the torch above (no isolated build environment).
 	$(PIP) install -q --no-build-isolation $(TORCH) deepspeed==0.19.8
 	$(PIP) install -q $(TORCH) nvidia-dali-cuda120

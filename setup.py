@@ -64,6 +64,8 @@ setup(
         "gpu": ["triton", "nvidia-dali-cuda120"],
         "dali": ["nvidia-dali-cuda120"],
         "test": ["pytest"],
+        # Hugging Face interop (`d2v_engine.hf`, `d2v hf-import` / `d2v hf-export`)
+        "hf": ["transformers>=5.24,<6", "safetensors"],
     },
     entry_points={"console_scripts": ["d2v = d2v_engine.cli:main"]},
 )

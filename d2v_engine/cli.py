@@ -1,5 +1,5 @@
-"""The `d2v` command: one subcommand per task (`prepare`, `eval`, `profile`; `shards` and `export`
-join the same table).
+"""The `d2v` command: one subcommand per task (`prepare`, `eval`, `profile`, `export`, `hf-import`,
+`hf-export`; `shards` joins the same table).
 
 Each subcommand is a pair: `_add_<name>(subparsers)` declares its arguments, `_run_<name>(args)` does
 the work and returns the exit status. `main()` turns a `UserError` into one line on stderr and exit
@@ -147,11 +147,61 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_hf_import(subparsers) -> None:
+    p = subparsers.add_parser(
+        "hf-import", help="turn a Hugging Face Data2Vec model into a run.init_from weights file",
+        description="Read a Data2Vec vision/audio/text model that transformers saved (save_pretrained) and "
+                    "write a weights file a pretraining run of the config's model starts from with "
+                    "run.init_from=FILE (student and teacher at the HF weights, a fresh regression head). "
+                    "Needs `pip install d2v_engine[hf]`.")
+    p.add_argument("--hf-dir", required=True, metavar="DIR", help="the Hugging Face model folder")
+    p.add_argument("--config", required=True, help="the pretraining config (its model.name must fit)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--out", required=True, metavar="FILE", help="the weights file to write")
+    p.set_defaults(run=_run_hf_import)
+
+
+def _run_hf_import(args) -> int:
+    from d2v_engine.hf import hf_import, quiet_transformers
+
+    quiet_transformers()
+    written = hf_import(args.hf_dir, args.config, args.out, overrides=args.overrides)
+    for note in written["notes"]:
+        print(f"d2v hf-import: note: {note}", file=sys.stderr)
+    print(f"d2v hf-import: {args.hf_dir} -> {args.out} ({written['model']}, {len(written['student'])} "
+          f"student tensors); start from it with run.init_from={args.out}")
+    return 0
+
+
+def _add_hf_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "hf-export", help="write a run as a Hugging Face Data2Vec model folder",
+        description="Gather a checkpoint's fp32 weights (any ZeRO stage) into a folder that transformers "
+                    "loads with from_pretrained: config, safetensors weights and the run's preprocessing "
+                    "(image processor, audio feature extractor or tokenizer). Needs `pip install d2v_engine[hf]`.")
+    p.add_argument("--run", dest="run_dir", metavar="DIR", required=True, help="the run directory (its run.dir)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the folder to write")
+    p.add_argument("--tag", help="checkpoint tag (default: the one checkpoints/latest names)")
+    p.add_argument("--weights", choices=("student", "teacher"), default="student",
+                   help="which weights to export (default: student)")
+    p.set_defaults(run=_run_hf_export)
+
+
+def _run_hf_export(args) -> int:
+    from d2v_engine.hf import hf_export, quiet_transformers
+
+    quiet_transformers()
+    written = hf_export(args.run_dir, args.out, tag=args.tag, weights=args.weights)
+    print(f"d2v hf-export: {written['model']} ({written['weights']}) at step {written['step']} -> {args.out} "
+          f"({', '.join(written['files'])})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `d2v` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec engine tools.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prepare, _add_eval, _add_profile, _add_export):
+    for add in (_add_prepare, _add_eval, _add_profile, _add_export, _add_hf_import, _add_hf_export):
         add(subparsers)
     return parser
 

@@ -18,6 +18,10 @@ from d2v_engine.models.registry import ModelSpec
 
 Length = TypeVar("Length", int, Tensor)
 
+POS_CONV_EPS = 1e-5
+"""Epsilon of the position convolution's LayerNorms: PyTorch's default, which fairseq and Hugging Face
+use there whatever the model's `layer_norm_eps`."""
+
 
 def conv_output_length(conv_layers: Sequence[tuple[int, int, int]], num_samples: Length) -> Length:
     """Frames the feature-extractor CNN produces from `num_samples` samples (unpadded convolutions).
@@ -104,7 +108,7 @@ class PosConvEmbed(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         t = spec.transformer
-        self.layers = nn.ModuleList(PosConvLayer(t.dim, spec.pos_conv_kernel, spec.pos_conv_groups, t.norm_eps)
+        self.layers = nn.ModuleList(PosConvLayer(t.dim, spec.pos_conv_kernel, spec.pos_conv_groups, POS_CONV_EPS)
                                     for _ in range(spec.pos_conv_depth))
 
     def forward(self, x: Tensor) -> Tensor:

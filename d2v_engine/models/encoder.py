@@ -24,6 +24,9 @@ from d2v_engine.models.registry import TransformerSpec
 LayerCallback = Callable[[int, Tensor], None]
 """`on_layer(i, out)`: receives block i's target output [B, T, C] as soon as the block finishes."""
 
+BiasFactory = Callable[[], nn.Module]
+"""Builds one block's own attention-bias module, whose `forward()` returns [1, H, T, T]."""
+
 
 @dataclass
 class Views:
@@ -90,9 +93,14 @@ def build_attn_mask(attn_bias: Tensor | None, padding_mask: Tensor | None, dtype
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections, on `F.scaled_dot_product_attention`."""
+    """Multi-head self-attention with separate q/k/v projections, on `F.scaled_dot_product_attention`.
 
-    def __init__(self, dim: int, heads: int, attn_dropout: float, key_bias: bool = True):
+    `bias`, if given, builds this block's own additive attention bias (the per-block relative
+    position bias of fine-tuned BEiT models), added to the mask the whole stack shares.
+    """
+
+    def __init__(self, dim: int, heads: int, attn_dropout: float, key_bias: bool = True,
+                 bias: BiasFactory | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
@@ -102,6 +110,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=key_bias)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        self.relative_position_bias = bias() if bias is not None else None
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """Attend.
@@ -118,6 +127,9 @@ class Attention(nn.Module):
         if attn_mask is not None:
             # Under autocast q is bf16/fp16 while the mask was built in the hidden state's dtype.
             attn_mask = attn_mask.to(q.dtype)
+        if self.relative_position_bias is not None:
+            own = self.relative_position_bias().to(q.dtype)
+            attn_mask = own if attn_mask is None else attn_mask + own
         p = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
@@ -144,10 +156,10 @@ class TransformerBlock(nn.Module):
     them (pre-LN) or after their residual add (post-LN).
     """
 
-    def __init__(self, spec: TransformerSpec, drop_path: float = 0.0):
+    def __init__(self, spec: TransformerSpec, drop_path: float = 0.0, attn_bias: BiasFactory | None = None):
         super().__init__()
         self.pre_ln, self.target_output, self.drop_path = spec.pre_ln, spec.target_output, drop_path
-        self.attention = Attention(spec.dim, spec.heads, spec.attn_dropout, spec.key_bias)
+        self.attention = Attention(spec.dim, spec.heads, spec.attn_dropout, spec.key_bias, attn_bias)
         self.layer_norm = nn.LayerNorm(spec.dim, eps=spec.norm_eps)
         self.feed_forward = FeedForward(spec.dim, spec.ffn_dim, spec.act_dropout)
         self.final_layer_norm = nn.LayerNorm(spec.dim, eps=spec.norm_eps)
@@ -188,15 +200,15 @@ class TransformerEncoder(nn.Module):
     """A stack of `TransformerBlock`s with stochastic depth, layerdrop and activation checkpointing.
 
     A plain `nn.ModuleList` (not `nn.TransformerEncoder`) so that DeepSpeed's `zero.Init` can
-    partition it.
+    partition it. `layer_bias`, if given, gives every block its own attention-bias module.
     """
 
-    def __init__(self, spec: TransformerSpec):
+    def __init__(self, spec: TransformerSpec, layer_bias: BiasFactory | None = None):
         super().__init__()
         self.layerdrop = spec.layerdrop
         # Stochastic depth grows linearly from 0 at the first block to spec.drop_path at the last.
         rates = [spec.drop_path * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
-        self.layers = nn.ModuleList(TransformerBlock(spec, r) for r in rates)
+        self.layers = nn.ModuleList(TransformerBlock(spec, r, layer_bias) for r in rates)
 
     def forward(self, h: Tensor, *, attn_bias: Tensor | None = None, padding_mask: Tensor | None = None,
                 top_k: int = 0, grad_checkpointing: bool = False,

@@ -3,6 +3,8 @@
 Conv2d patch embedding, a CLS token, a learned mask token that replaces masked patch embeddings, no
 absolute positions but one relative position bias shared by all blocks, pre-LN blocks with layer
 scale and stochastic depth, a final LayerNorm. Outputs are the patch tokens (CLS dropped), plus CLS.
+The fine-tuned data2vec-vision checkpoints' variants are spec options: a relative position bias per
+block (`rel_pos_bias="layer"`) and no final LayerNorm (`pooling="mean"`).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def relative_position_index(grid: tuple[int, int]) -> Tensor:
 
 
 class RelativePositionBias(nn.Module):
-    """One learned relative position bias per head, shared by every block (BEiT's shared rel-pos bias)."""
+    """One learned relative position bias per head: shared by every block, or one per block."""
 
     def __init__(self, grid: tuple[int, int], heads: int):
         super().__init__()
@@ -104,9 +106,11 @@ class ImageEncoder(nn.Module):
         self.grad_checkpointing = False
         self.grid = (spec.image_size // spec.patch_size,) * 2
         self.embeddings = ImageEmbeddings(spec)
-        self.relative_position_bias = RelativePositionBias(self.grid, t.heads)
-        self.encoder = TransformerEncoder(t)
-        self.layernorm = nn.LayerNorm(t.dim, eps=t.norm_eps)
+        shared, per_block = spec.rel_pos_bias == "shared", spec.rel_pos_bias == "layer"
+        self.relative_position_bias = RelativePositionBias(self.grid, t.heads) if shared else None
+        self.encoder = TransformerEncoder(
+            t, layer_bias=(lambda: RelativePositionBias(self.grid, t.heads)) if per_block else None)
+        self.layernorm = nn.LayerNorm(t.dim, eps=t.norm_eps) if spec.pooling == "cls" else nn.Identity()
         self.init_weights()
 
     @torch.no_grad()
@@ -119,13 +123,13 @@ class ImageEncoder(nn.Module):
         for tensor in (self.embeddings.projection.weight, self.embeddings.cls_token, self.embeddings.mask_token):
             nn.init.trunc_normal_(tensor, std=0.02)
         nn.init.zeros_(self.embeddings.projection.bias)
-        rel = self.relative_position_bias
-        nn.init.zeros_(rel.relative_position_bias_table)
-        # Rebuilt here too so that a model materialised from the meta device (`to_empty`) is correct.
-        rel.relative_position_index.copy_(relative_position_index(self.grid))
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
+            elif isinstance(m, RelativePositionBias):
+                nn.init.zeros_(m.relative_position_bias_table)
+                # Rebuilt here too so that a model materialised from the meta device (`to_empty`) is correct.
+                m.relative_position_index.copy_(relative_position_index(self.grid))
         for layer_id, block in enumerate(self.encoder.layers, start=1):
             if block.lambda_1 is not None:
                 block.lambda_1.fill_(self.spec.transformer.layer_scale)
@@ -156,8 +160,9 @@ class ImageEncoder(nn.Module):
             on_layer: streaming alternative to `layer_results`, called as `on_layer(i, out)` with the
                 patch tokens [B, N, C] of each of the top_k blocks (see `TransformerEncoder.forward`).
         Returns:
-            EncoderOutput: x [B, N, C] after the final LayerNorm, layer_results top_k x [B, N, C]
-            (patch tokens, before the final LayerNorm), padding_mask None, cls [B, C].
+            EncoderOutput: x [B, N, C] after the final LayerNorm (none with `pooling="mean"`),
+            layer_results top_k x [B, N, C] (patch tokens, before the final LayerNorm), padding_mask
+            None, cls [B, C].
         """
         if padding_mask is not None:
             raise ValueError("images have no padding: pass padding_mask=None")
@@ -165,7 +170,8 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"expected {self.spec.image_size}x{self.spec.image_size} images, got {tuple(x.shape)}")
         h = self.embeddings(x, mask)
         patch_cb = None if on_layer is None else (lambda i, out: on_layer(i, out[:, 1:]))
-        h, layers = self.encoder(h, attn_bias=self.relative_position_bias(), top_k=top_k,
+        shared = self.relative_position_bias() if self.relative_position_bias is not None else None
+        h, layers = self.encoder(h, attn_bias=shared, top_k=top_k,
                                  grad_checkpointing=self.grad_checkpointing, on_layer=patch_cb)
         h = self.layernorm(h)
         return EncoderOutput(x=h[:, 1:], layer_results=[out[:, 1:] for out in layers], padding_mask=None,

@@ -63,6 +63,12 @@ class ModelSpec:
     """Square patch size."""
     in_chans: int = 3
     """Input channels."""
+    rel_pos_bias: Literal["shared", "layer", "none"] = "shared"
+    """Relative position bias: one table shared by all blocks (BEiT / data2vec-vision pretraining), one
+    per block (the fine-tuned data2vec-vision checkpoints), or none."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """`cls`: a final LayerNorm on every token (pretraining); `mean`: no final LayerNorm, as in the
+    fine-tuned checkpoints, whose norm moves to the pooled patch mean outside the encoder."""
     # audio
     conv_layers: tuple[tuple[int, int, int], ...] = WAV2VEC_CONV
     """Feature-extractor CNN: (channels, kernel, stride) per layer."""

@@ -105,16 +105,20 @@ class TextEncoder(nn.Module):
         Args:
             x: [B, T] int64 token ids.
             mask: ignored (the collate already replaced the selected tokens; see the class docstring).
-            padding_mask: [B, T] bool, True = padding; None = derived from `spec.pad_idx`.
+            padding_mask: [B, T] bool, True = padding key (attention only: positions always skip
+                `<pad>` tokens); None = derived from `spec.pad_idx`.
             top_k: number of final blocks whose target outputs are returned.
             on_layer: streaming alternative to `layer_results` (see `TransformerEncoder.forward`).
         Returns:
             EncoderOutput: x [B, T, C] (last block output), layer_results top_k x [B, T, C],
             padding_mask as given (or derived), cls None.
         """
+        pads = x.eq(self.spec.pad_idx)
         if padding_mask is None:
-            padding_mask = x.eq(self.spec.pad_idx)
-        h = self.embeddings(x, ~padding_mask)
+            padding_mask = pads
+        # Positions count non-<pad> tokens (fairseq's make_positions, Hugging Face's RoBERTa), whatever
+        # the attention mask: the same thing in every batch the collate builds.
+        h = self.embeddings(x, ~pads)
         h, layers = self.encoder(h, padding_mask=padding_mask, top_k=top_k,
                                  grad_checkpointing=self.grad_checkpointing, on_layer=on_layer)
         return EncoderOutput(x=h, layer_results=layers, padding_mask=padding_mask)

@@ -303,3 +303,33 @@ def test_image_init_scales_residual_outputs_with_depth():
         assert abs(std * (2 * layer_id) ** 0.5 / 0.02 - 1) < 0.1
     assert (model.relative_position_bias.relative_position_bias_table == 0).all()
     assert model.encoder.layers[0].attention.k_proj.bias is None
+
+
+def test_image_variants_of_the_fine_tuned_checkpoints():
+    """rel_pos_bias="layer": a table per block, each acting on its own block; pooling="mean": no final norm."""
+    spec = dataclasses.replace(get_spec("image_debug"), rel_pos_bias="layer", pooling="mean")
+    model = build_encoder(spec).eval()
+    names = set(model.state_dict())
+    assert model.relative_position_bias is None and not any(n.startswith("layernorm.") for n in names)
+    tables = [f"encoder.layers.{i}.attention.relative_position_bias.relative_position_bias_table"
+              for i in range(spec.transformer.depth)]
+    assert names >= set(tables)
+    x = torch.randn(2, 3, spec.image_size, spec.image_size)
+    before = model(x, top_k=spec.transformer.depth).layer_results
+    with torch.no_grad():
+        model.encoder.layers[2].attention.relative_position_bias.relative_position_bias_table.normal_()
+    after = model(x, top_k=spec.transformer.depth).layer_results
+    assert_close(after[1], before[1])                 # blocks before 2 do not see block 2's table
+    assert not torch.allclose(after[2], before[2])
+    none = build_encoder(dataclasses.replace(spec, rel_pos_bias="none"))
+    assert not any("relative_position" in n for n in none.state_dict())
+
+
+def test_text_positions_skip_pad_tokens_whatever_the_attention_mask():
+    """Hugging Face's RoBERTa and fairseq number positions by non-<pad> tokens, not by the attention mask."""
+    model = build("text_debug").eval()
+    tokens = torch.randint(4, 100, (2, 9))
+    tokens[1, 6:] = model.spec.pad_idx
+    attend_all = model(tokens, padding_mask=torch.zeros_like(tokens, dtype=torch.bool))
+    want, _ = model.encoder(model.embeddings(tokens, tokens.ne(model.spec.pad_idx)))
+    assert_close(attend_all.x, want)
