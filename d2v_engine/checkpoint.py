@@ -1,22 +1,14 @@
 """Loading a run's weights outside DeepSpeed: the consolidated student (or teacher) encoder.
 
 A run directory holds `config.yaml` and `checkpoints/<tag>/`, written by `Trainer.save_checkpoint`
-through DeepSpeed, with `checkpoints/latest` naming the newest tag. Where the weights live depends on
-the ZeRO stage the run used:
-
-- stage 0 and 1 (any number of ranks): every rank keeps whole parameters, so rank 0's
-  `mp_rank_00_model_states.pt` holds the full `module` state dict (in the training dtype);
-- stage 2 and 3: the fp32 master weights are spread over the ranks' optimizer-state files (stage 3
-  also partitions the module itself); DeepSpeed's `zero_to_fp32` helpers gather them.
-
-The teacher is not part of the DeepSpeed module: its fp32 weights ride in the client state
-(`teacher`) of rank 0's model-states file, whatever the stage.
+through DeepSpeed, with `checkpoints/latest` naming the newest complete tag. Where the weights live
+depends on the ZeRO stage and the precision of the run; `export.consolidate` knows every case (fp32
+masters of bf16 runs, ZeRO-2/3 optimizer shards, a ZeRO-3 teacher spread over the ranks), and this
+module reads through it, so `d2v eval`, `d2v export` and `d2v hf-export` see the same weights.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,12 +18,10 @@ from torch import Tensor, nn
 
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
+from d2v_engine.export import consolidate, find_tag
 from d2v_engine.models.registry import ModelSpec, build_encoder, get_spec
 
 Weights = Literal["student", "teacher", "random"]
-
-_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-"""Rank 0's model-states file: ZeRO 0-2, then ZeRO 3."""
 
 
 @dataclass
@@ -63,47 +53,6 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def find_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
-    """The folder of checkpoint `tag`, or of the newest one (`checkpoints/latest`, else the last `step*`).
-
-    Raises:
-        UserError: the run has no such checkpoint.
-    """
-    root = Path(run_dir) / "checkpoints"
-    if tag is None and (root / "latest").is_file():
-        tag = (root / "latest").read_text().strip()
-    if tag is None:
-        tags = sorted(p.name for p in root.glob("step*") if p.is_dir())
-        tag = tags[-1] if tags else None
-    if tag is None or not (root / tag).is_dir():
-        what = f"checkpoint '{tag}'" if tag else "checkpoint"
-        raise UserError(f"run '{run_dir}' has no {what} in {root}; train it first (checkpoints are "
-                        f"written at train.save_every steps and at the end).")
-    return root / tag
-
-
-def _read_model_states(tag_dir: Path) -> dict:
-    for name in _MODEL_STATES:
-        if (tag_dir / name).is_file():
-            # weights_only=False: the client state holds numpy RNG states and Python tuples.
-            return torch.load(tag_dir / name, map_location="cpu", weights_only=False)
-    raise UserError(f"checkpoint '{tag_dir}' has no model-states file ({_MODEL_STATES[0]}); it is "
-                    f"incomplete, so remove it or pass another --tag.")
-
-
-def _module_state(tag_dir: Path, states: dict, stage: int) -> dict[str, Tensor]:
-    """The whole Data2Vec module's state dict (`encoder.*`, `head.*`) in fp32."""
-    if stage <= 1:
-        module = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # The helper prints its progress on stdout, which belongs to the eval table: send it to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
-            module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {k: v.detach().float() if v.is_floating_point() else v for k, v in module.items()}
-
-
 def load_run_weights(run_dir: str | Path, tag: str | None = None) -> RunWeights:
     """Read the student and teacher weights of one of a run's checkpoints.
 
@@ -115,14 +64,9 @@ def load_run_weights(run_dir: str | Path, tag: str | None = None) -> RunWeights:
     Raises:
         UserError: no checkpoint, or an incomplete one.
     """
-    tag_dir = find_checkpoint(run_dir, tag)
-    states = _read_model_states(tag_dir)
-    stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    module = _module_state(tag_dir, states, stage)
-    prefix = "encoder."
-    student = {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
-    return RunWeights(tag=tag_dir.name, step=int(states.get("step", states.get("global_steps", 0))),
-                      zero_stage=stage, student=student, teacher=dict(states.get("teacher", {})))
+    export = consolidate(find_tag(run_dir, tag))
+    return RunWeights(tag=export["tag"], step=int(export["step"]), zero_stage=int(export["zero_stage"]),
+                      student=export["student"], teacher=export["teacher"])
 
 
 def run_spec(cfg: Config, student: dict[str, Tensor]) -> ModelSpec:

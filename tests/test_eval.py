@@ -68,8 +68,9 @@ def fake_run(folder: Path, config: str, data_path: Path, vocab: int | None = Non
     dump_config(cfg, folder / "config.yaml")
     module = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     teacher = {k: v + 1 for k, v in encoder.state_dict().items() if not k.startswith("feature_")}
-    torch.save({"module": module, "ds_config": {"zero_optimization": {"stage": 1}}, "step": 1,
-                "teacher": teacher}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"module": module, "step": 1, "teacher": teacher}, tag / "mp_rank_00_model_states.pt")
+    (tag / "d2v.json").write_text(json.dumps({"step": 1, "world_size": 1, "zero_stage": 0,
+                                              "precision": "fp32", "model": cfg.model.name}))
     (folder / "checkpoints" / "latest").write_text("step00000001")
     return folder
 
