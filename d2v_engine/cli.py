@@ -1,5 +1,4 @@
-"""The `d2v` command: one subcommand per task (`prepare`, `eval`, `profile`, `export`, `hf-import`,
-`hf-export`; `shards` joins the same table).
+"""The `d2v` command: one subcommand per task (`prepare`, `shards`, `eval`, `profile`, `export`, ...).
 
 Each subcommand is a pair: `_add_<name>(subparsers)` declares its arguments, `_run_<name>(args)` does
 the work and returns the exit status. `main()` turns a `UserError` into one line on stderr and exit
@@ -44,6 +43,46 @@ def _run_prepare(args) -> int:
     opts = PrepareOptions(limit=args.limit, seed=args.seed, shard_size=args.shard_size,
                           workers=args.workers)
     prepare(args.name, args.out, opts)
+    return 0
+
+
+def _add_shards(subparsers) -> None:
+    p = subparsers.add_parser(
+        "shards", help="write WebDataset shards of your own image, audio or text files",
+        description="Write a folder of your own files as shuffled WebDataset shards (.tar), with the "
+                    ".idx files DALI's webdataset reader takes and a manifest.json with the counts. "
+                    "Images in sub-folders of --src get the sub-folder's name as their class; files "
+                    "that cannot be read are skipped and listed in the manifest.")
+    p.add_argument("--modality", required=True, choices=("image", "audio", "text"))
+    p.add_argument("--src", required=True, metavar="DIR",
+                   help="image files (any format PIL reads), audio files (wav/flac/ogg/mp3/...), or "
+                        "text files (.txt: a sample per line; .jsonl: a sample per JSON line)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the shard folder to create")
+    p.add_argument("--shard-size", type=_positive, default=5000, metavar="N", help="samples per shard")
+    p.add_argument("--max-shard-mb", type=_positive, default=1000, metavar="MB",
+                   help="most payload megabytes per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
+    p.add_argument("--text-per-file", action="store_true", help="text: one sample per .txt file")
+    p.add_argument("--text-field", default="text", help="JSON lines: the field with the text")
+    p.add_argument("--label-field", default="label", help="JSON lines: the field with the label")
+    p.add_argument("--tokenizer-vocab", type=int, default=0, metavar="N",
+                   help="text: also train a byte-level BPE of N entries into OUT/tokenizer.json")
+    p.set_defaults(run=_run_shards)
+
+
+def _run_shards(args) -> int:
+    from d2v_engine.data.build_shards import ShardOptions, write_shards
+
+    opts = ShardOptions(shard_size=args.shard_size, max_bytes=args.max_shard_mb * 1e6, seed=args.seed,
+                        shuffle=not args.no_shuffle, text_per_file=args.text_per_file,
+                        text_field=args.text_field, label_field=args.label_field,
+                        tokenizer_vocab=args.tokenizer_vocab)
+    manifest = write_shards(args.modality, args.src, args.out, opts)
+    skipped = manifest["skipped"]["count"]
+    print(f"d2v shards: {manifest['total']} {args.modality} samples in {len(manifest['shards'])} "
+          f"shard(s) -> {args.out}" + (f"; {skipped} file(s) skipped (listed in manifest.json)"
+                                       if skipped else ""))
     return 0
 
 
@@ -201,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `d2v` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec engine tools.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prepare, _add_eval, _add_profile, _add_export, _add_hf_import, _add_hf_export):
+    for add in (_add_prepare, _add_shards, _add_eval, _add_profile, _add_export, _add_hf_import, _add_hf_export):
         add(subparsers)
     return parser
 

@@ -35,9 +35,11 @@ class DataConfig:
     path: str = "data/fashion-mnist/train"
     """A folder of WebDataset `.tar` shards (or a brace pattern such as `dir/shard-{000000..000009}.tar`)."""
     reader: Literal["torch", "dali"] = "torch"
-    """Which reader decodes the shards: `torch` (webdataset + PIL/soundfile) or `dali`."""
+    """Which reader decodes the shards: `torch` (DataLoader workers, PIL/soundfile) or `dali` (DALI, GPU if any)."""
     num_workers: int = 1
-    """DataLoader worker processes (0 = decode in the training process)."""
+    """`torch`: DataLoader worker processes (0 = decode in the training process); `dali`: CPU threads."""
+    rank_split: Literal["shards", "samples"] = "shards"
+    """Ranks read disjoint `shards` (if they deal out evenly) or disjoint `samples` (rank-count-free batches)."""
     tokenizer: str = ""
     """Text: a `tokenizers` JSON file; empty = `tokenizer.json` beside the shards or one folder up."""
     image_size: int = 0
@@ -59,7 +61,7 @@ class DataConfig:
     max_tokens: int = 512
     """Text: longest token sequence, special tokens included; longer texts are truncated."""
     max_bad_fraction: float = 0.01
-    """Stop the run when more than this fraction of the samples read cannot be decoded."""
+    """Stop the run when more than this fraction of the samples read (all ranks) cannot be decoded."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = ("step", "loss", "lr", "ema_decay", "target_var", "pred_var", "grad_norm", "samples_per_s",
-          "step_ms", "data_ms")
+          "step_ms", "data_ms", "bad_samples")
 """The fields of every `metrics.jsonl` record, in order."""
 
 
@@ -21,7 +21,8 @@ def format_line(m: dict[str, float], total_steps: int) -> str:
     return (f"step {int(m['step']):>{width}}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
             f"ema {m['ema_decay']:.5f} | tvar {m['target_var']:.3f} | pvar {m['pred_var']:.3f} | "
             f"gnorm {m['grad_norm']:.3f} | {m['samples_per_s']:.1f} samples/s | "
-            f"{m['step_ms']:.0f} ms/step | data {m['data_ms']:.0f} ms")
+            f"{m['step_ms']:.0f} ms/step | data {m['data_ms']:.0f} ms"
+            + (f" | {m['bad_samples']} bad samples" if m.get("bad_samples") else ""))
 
 
 def git_record() -> str:
@@ -54,6 +55,7 @@ class MetricsLogger:
             return
         record = {k: metrics[k] for k in FIELDS}
         record["step"] = int(record["step"])
+        record["bad_samples"] = int(record["bad_samples"])
         self.echo(format_line(record, self.total_steps))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()

@@ -239,6 +239,7 @@ class Trainer:
             "samples_per_s": window.steps * self.cfg.train.batch_size / window.seconds,
             "step_ms": 1000 * window.seconds / window.steps,
             "data_ms": 1000 * window.data_seconds / window.steps,
+            "bad_samples": int(total[4]),   # running count over the run, all ranks
         }
         return metrics, int(total[3]), int(total[4])
 
@@ -264,7 +265,8 @@ class Trainer:
             shutil.rmtree(self.ckpt_dir / tag)
         client_state = {
             "step": self.step,
-            "data": self.data.state_dict(),
+            # every rank's reader position, in rank order: ranks skip different bad samples
+            "data": distributed.all_gather_objects(self.data.state_dict()),
             "teacher": self.teacher.state_dict(),          # this rank's slices under ZeRO-3
             "teacher_shapes": self.teacher.shapes,         # None unless sliced
             "rng": distributed.all_gather_objects(rng_state()),   # every rank's, in rank order
@@ -294,7 +296,10 @@ class Trainer:
                             f"remove it or start a new run.dir.")
         self.step = self.saved_step = client["step"]
         self.teacher.load_state_dict(client["teacher"])
-        self.data = self._build_data(self.model.encoder.spec, position=client["data"])
+        position = client["data"]
+        if isinstance(position, list):  # checkpoints before per-rank positions hold one dict
+            position = position[self.rank]
+        self.data = self._build_data(self.model.encoder.spec, position=position)
         set_rng_state(client["rng"][self.rank])
         if self.rank == 0:
             tqdm.write(f"resumed from {path} at step {self.step} (ZeRO-{meta['zero_stage']}, "

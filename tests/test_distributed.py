@@ -27,8 +27,10 @@ from d2v_engine import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
+# data.rank_split=samples: ranks take strided slices of one global order, so a global batch holds
+# the same samples with one rank or two (dealing shards to ranks would change the batches).
 RECIPE = ("train.steps=12", "train.log_every=1", "train.save_every=6", "train.keep_checkpoints=3",
-          "train.warmup_steps=2", "train.progress=false")
+          "train.warmup_steps=2", "train.progress=false", "data.rank_split=samples")
 FP32_REL, BF16_REL = 1e-5, 5e-3
 
 # Run as a script under the launcher: SIGKILL this rank on its second file of one checkpoint tag,

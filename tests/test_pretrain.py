@@ -81,13 +81,26 @@ def test_resume_continues_the_same_loss_curve(data_root, tmp_path):
         assert r["ema_decay"] == pytest.approx(expected[r["step"]]["ema_decay"], rel=1e-9)
 
 
-@pytest.mark.parametrize("case", ["missing_path", "wrong_modality", "unknown_key", "dali"])
+def half_corrupt_shards(folder: Path, fashion: Path) -> Path:
+    """Fashion-MNIST images with every other one replaced by bytes that are no image."""
+    from d2v_engine.data.shards import ShardSetWriter, list_shards
+    from d2v_engine.data.tarindex import build_index
+
+    index = build_index(list_shards(fashion))
+    with ShardSetWriter(folder, modality="image", shard_size=64) as writer:
+        for i in range(128):
+            writer.write(f"{i:05d}", png=index.read(i)["png"] if i % 2 else b"not a png" * 20)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing_path", "wrong_modality", "unknown_key", "bad_samples"])
 def test_user_errors_are_one_sentence(case, data_root, tmp_path):
     overrides = {
         "missing_path": ["data.path=/nonexistent/shards"],
         "wrong_modality": [f"data.path={data_root / 'spoken-words' / 'train'}"],
         "unknown_key": ["train.step=3"],
-        "dali": [f"data.path={data_root / 'fashion-mnist' / 'train'}", "data.reader=dali"],
+        "bad_samples": [f"data.path={half_corrupt_shards(tmp_path / 'bad', data_root / 'fashion-mnist' / 'train')}",
+                        "data.reader=dali", "train.log_every=1"],
     }[case]
     proc = pretrain("debug_image.yaml", *overrides, f"run.dir={tmp_path / 'run'}", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -95,7 +108,7 @@ def test_user_errors_are_one_sentence(case, data_root, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
     assert len(errors) == 1, proc.stderr[-2000:]
     assert {"missing_path": "does not exist", "wrong_modality": "audio", "unknown_key": "train.steps",
-            "dali": "data.reader=torch"}[case] in errors[0]
+            "bad_samples": "data.max_bad_fraction=0.01"}[case] in errors[0]
 
 
 def test_teacher_updates_once_per_optimizer_step(data_root, tmp_path, monkeypatch):

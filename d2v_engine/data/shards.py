@@ -1,11 +1,12 @@
 """WebDataset tar shards: writing them, their `manifest.json`, and finding them again.
 
 A shard set is a folder of `shard-000000.tar`, `shard-000001.tar`, ... whose members are
-`KEY.EXT` files (`KEY.png` + `KEY.cls`, `KEY.flac` + `KEY.cls`, `KEY.txt` + `KEY.cls`), plus a
-`manifest.json` that records the sample count of every shard, the total, the modality and the
-extensions. The manifest is written last, so a folder whose manifest says `complete` was finished.
-Readers never need the manifest (users bring their own shards); it serves `d2v prepare`'s
-idempotence and tells people what a folder holds.
+`KEY.EXT` files (`KEY.png` + `KEY.cls`, `KEY.flac` + `KEY.cls`, `KEY.txt` + `KEY.cls`), a
+`shard-NNNNNN.idx` beside each shard (the index DALI's `fn.readers.webdataset` takes, in the format
+of DALI's `wds2idx`), plus a `manifest.json` that records the sample count of every shard, the total,
+the modality and the extensions. The manifest is written last, so a folder whose manifest says
+`complete` was finished. Readers never need the manifest or the `.idx` files (users bring their own
+shards); the manifest serves `d2v prepare`'s idempotence and tells people what a folder holds.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from typing import Any
 import braceexpand
 import webdataset
 
+from d2v_engine.data.tarindex import write_dali_index
+
 MANIFEST = "manifest.json"
 
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "image": ("png", "jpg", "jpeg", "webp"),
-    "audio": ("flac", "wav"),
+    "audio": ("flac", "wav", "ogg"),
     "text": ("txt",),
 }
 """The payload extensions of each modality (labels ride along as `.cls`)."""
@@ -109,6 +112,8 @@ class ShardSetWriter:
         for path in self.folder.glob("shard-*.tar"):
             if path.name not in self.counts:
                 path.unlink()
+            else:
+                write_dali_index(path)
         manifest = {
             "format": "d2v-shards/1",
             "modality": self.modality,

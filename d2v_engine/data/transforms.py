@@ -1,8 +1,9 @@
 """Per-sample decoding and augmentation for the three modalities (PIL, soundfile, tokenizers).
 
-Every random choice draws from `sample_rng(seed, epoch, index, stream)`, a generator that is a pure
-function of those numbers: a resumed run, another worker count or another rank order sees the same
-crops and flips for the same sample in the same epoch.
+Every random choice is a pure function of (seed, epoch, sample index, stream): image crops and flips
+come from `counter_uniforms` (a counter hash, vectorised over a batch), audio crops from
+`sample_rng`. A resumed run, another worker count, another rank order or the other reader sees the
+same crops and flips for the same sample in the same epoch.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from d2v_engine.data.checks import audio_format, check_audio_length, check_image_format, image_header
 from d2v_engine.errors import UserError
 
-# Streams of `sample_rng`: one per kind of random choice, so adding one never shifts another.
+# Streams of the random draws: one per kind of choice, so adding one never shifts another
+# (STREAM_FLIP and STREAM_REPLACE are retired: flips share the crop draws, bad samples are skipped).
 STREAM_CROP, STREAM_FLIP, STREAM_AUDIO_CROP, STREAM_BATCH_CROP, STREAM_REPLACE = range(5)
 
 
@@ -31,47 +34,100 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Gene
 # ---------------------------------------------------------------- images
 
 def decode_image(data: bytes) -> Image.Image:
-    """PNG/JPEG/WebP bytes -> an RGB PIL image (grey images get three equal channels)."""
+    """JPEG/PNG/WebP bytes -> an RGB PIL image (grey images get three equal channels).
+
+    Raises:
+        ValueError: the checks of `checks.check_image_format` fail (unsupported or truncated), or
+            PIL cannot decode the file.
+    """
     with Image.open(io.BytesIO(data)) as img:
+        check_image_format(img.format, data)
         img.load()
         return img.convert("RGB")
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
-                            ) -> tuple[int, int, int, int]:
-    """A random box of area fraction in `scale` and aspect ratio (w/h) in `ratio` (log-uniform).
+def counter_uniforms(seed: int, epoch: int, index: np.ndarray, n: int, stream: int) -> np.ndarray:
+    """Uniform numbers in [0, 1), a pure function of (seed, epoch, index[i], j, stream).
 
-    Ten tries at a box that fits; otherwise the largest centred box whose ratio is clamped to `ratio`.
+    A splitmix64 hash of a per-sample key plus a Weyl counter: vectorised over samples in numpy, so
+    that a whole batch's augmentation draws cost a few array operations.
 
+    Args:
+        index: [N] global sample indices.
+        n: draws per sample.
     Returns:
-        (left, top, right, bottom) in pixels.
+        float64 [N, n].
     """
-    area = width * height
+    words = [int(v) & _M64 for v in (seed, epoch, stream)]
+    key = _splitmix(np.array(words, dtype=np.uint64) * np.uint64(_GOLDEN))
+    key = _splitmix(key[0] ^ _splitmix(key[1] ^ _splitmix(key[2:3])))
+    sample = _splitmix(np.asarray(index, dtype=np.int64).astype(np.uint64) ^ key)
+    counter = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+    bits = _splitmix(sample[:, None] + counter[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrap-around arithmetic is intended)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+_CROP_TRIES = 10  # torchvision's RandomResizedCrop tries this many boxes before a centre crop
+
+
+def random_resized_crop_boxes(width: np.ndarray, height: np.ndarray, u: np.ndarray,
+                              scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                              ) -> np.ndarray:
+    """Random boxes of area fraction in `scale` and aspect ratio (w/h) in `ratio` (log-uniform).
+
+    Ten tries per image at a box that fits; otherwise the largest centred box whose ratio is clamped
+    to `ratio`.
+
+    Args:
+        width, height: [N] image sizes in pixels.
+        u: [N, 40] uniforms in [0, 1): per try (area, ratio, left, top).
+    Returns:
+        int64 [N, 4] (left, top, right, bottom) in pixels.
+    """
+    width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
+    u = u[:, : 4 * _CROP_TRIES].reshape(-1, _CROP_TRIES, 4)
+    area = (width * height)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = np.round(np.sqrt(area * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    left = (u[..., 2] * (width[:, None] - w + 1)).astype(np.int64)
+    top = (u[..., 3] * (height[:, None] - h + 1)).astype(np.int64)
+    first = np.argmax(fits, axis=1)  # the first try that fits (0 when none does)
+    rows = np.arange(len(width))
+    boxes = np.stack([left[rows, first], top[rows, first], w[rows, first], h[rows, first]], axis=1)
+    centre = _centre_boxes(width, height, ratio)
+    boxes = np.where(fits.any(axis=1)[:, None], boxes, centre)
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
+
+
+def _centre_boxes(width: np.ndarray, height: np.ndarray, ratio: tuple[float, float]) -> np.ndarray:
+    """[N, 4] (left, top, w, h): the largest centred box with its ratio clamped to `ratio`."""
     aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
+    w = np.where(aspect > ratio[1], np.round(height * ratio[1]), width).astype(np.int64)
+    h = np.where(aspect < ratio[0], np.round(width / ratio[0]), height).astype(np.int64)
+    return np.stack([(width - w) // 2, (height - h) // 2, w, h], axis=1)
 
 
 @dataclass
 class ImageTransform:
     """Random resized crop (bicubic) to `size`, optional horizontal flip, scale to [0, 1], normalise.
+
+    The crop boxes and flips of a batch are drawn at once (`plan`), from the image sizes in the
+    headers, so the `dali` reader uses the same boxes as this PIL path.
 
     Args:
         size: output height and width in pixels.
@@ -86,17 +142,37 @@ class ImageTransform:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __call__(self, data: bytes, *, seed: int, epoch: int, index: int) -> torch.Tensor:
-        """Encoded image bytes -> float32 [3, size, size], normalised."""
+    def plan(self, sizes: np.ndarray, index: np.ndarray, *, seed: int, epoch: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Crop boxes and flips of N images.
+
+        Args:
+            sizes: [N, 2] (width, height) in pixels.
+            index: [N] global sample indices.
+        Returns:
+            (boxes int64 [N, 4] (left, top, right, bottom), flips bool [N]).
+        """
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        u = counter_uniforms(seed, epoch, index, 4 * _CROP_TRIES + 1, STREAM_CROP)
+        boxes = random_resized_crop_boxes(sizes[:, 0], sizes[:, 1], u, (self.crop_scale, 1.0))
+        flips = (u[:, -1] < 0.5) & self.hflip
+        return boxes, flips
+
+    def apply(self, data: bytes, box, flip: bool) -> torch.Tensor:
+        """Encoded image bytes -> float32 [3, size, size], cropped to `box`, flipped, normalised."""
         img = decode_image(data)
-        rng = sample_rng(seed, epoch, index, STREAM_CROP)
-        box = random_resized_crop_box(img.width, img.height, rng, (self.crop_scale, 1.0))
-        img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=tuple(int(v) for v in box))
         pixels = np.asarray(img, dtype=np.float32) / 255.0        # [H, W, 3]
-        if self.hflip and sample_rng(seed, epoch, index, STREAM_FLIP).random() < 0.5:
+        if flip:
             pixels = pixels[:, ::-1]
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def __call__(self, data: bytes, *, seed: int, epoch: int, index: int) -> torch.Tensor:
+        """Encoded image bytes -> float32 [3, size, size], normalised (one image: `plan` + `apply`)."""
+        _, width, height = image_header(data)
+        boxes, flips = self.plan(np.array([[width, height]]), np.array([index]), seed=seed, epoch=epoch)
+        return self.apply(data, boxes[0], bool(flips[0]))
 
 
 # ---------------------------------------------------------------- audio
@@ -108,11 +184,12 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
         wave: float32 [S].
         rate, target: sample rates in Hz.
     Returns:
-        float32 [round(S * target / rate)].
+        float32 [ceil(S * target / rate)].
     """
     if rate == target:
         return wave
-    length = max(1, int(round(len(wave) * target / rate)))
+    # ceil(S * target / rate): the length DALI's resampler gives, so both readers agree.
+    length = max(1, -(-len(wave) * target // rate))
     # A [1, 1, 1, S] image resized along its width: torch's antialiased bilinear filter is a
     # triangle low-pass when downsampling, which keeps aliasing out without a sinc kernel.
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).view(1, 1, 1, -1)
@@ -121,12 +198,16 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 
 def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
-    """FLAC/WAV bytes -> mono float32 [S] at `sample_rate` (channels averaged)."""
+    """WAV/FLAC/Ogg bytes -> mono float32 [S] at `sample_rate` (channels averaged).
+
+    Raises:
+        ValueError: unsupported format (by content: MP3 is refused), no usable length, empty clip,
+            or libsndfile cannot decode the file.
+    """
+    audio_format(data)
     with soundfile.SoundFile(io.BytesIO(data)) as f:
         rate = f.samplerate
-        # A file written to a pipe may carry no length (libsndfile then reports a huge one).
-        if not 0 < f.frames < 1 << 31:
-            raise ValueError(f"audio header gives no usable length ({f.frames} frames)")
+        check_audio_length(f.frames)
         wave = f.read(dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
     if wave.size == 0:
@@ -134,11 +215,18 @@ def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
     return resample(wave, rate, sample_rate)
 
 
+def crop_start(total: int, length: int, rng: np.random.Generator) -> int:
+    """Start of a random window of `length` samples in a clip of `total` (0 when it is not longer)."""
+    if total <= length:
+        return 0
+    return int(rng.integers(0, total - length + 1))
+
+
 def random_crop(wave: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
     """A random window of `length` samples of `wave` [S] (the whole clip when it is not longer)."""
     if len(wave) <= length:
         return wave
-    start = int(rng.integers(0, len(wave) - length + 1))
+    start = crop_start(len(wave), length, rng)
     return wave[start:start + length]
 
 

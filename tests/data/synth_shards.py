@@ -30,7 +30,8 @@ def audio_bytes(rng: np.random.Generator, samples: int, rate: int = 16000, fmt: 
     t = np.arange(samples) / rate
     wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 800) * t) + 0.05 * rng.standard_normal(samples) + 0.1
     buf = io.BytesIO()
-    soundfile.write(buf, wave.astype(np.float32), rate, format=fmt, subtype="PCM_16")
+    soundfile.write(buf, wave.astype(np.float32), rate, format=fmt,
+                    subtype="VORBIS" if fmt == "OGG" else "PCM_16")
     return buf.getvalue()
 
 
@@ -79,3 +80,65 @@ def make_cfg(model: str, path: Path | str, *overrides: str):
     cfg = load_config(None, [f"model.name={model}", f"data.path={path}", "target.top_k=2",
                              "data.num_workers=0", "train.batch_size=4", *overrides])
     return cfg, get_spec(model)
+
+
+def jpeg_bytes(rng: np.random.Generator, size: int = 32) -> bytes:
+    """A JPEG of random pixels."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(1, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def encoded(rng: np.random.Generator, fmt: str, size: int = 32) -> bytes:
+    """A random image in PIL format `fmt` (GIF, BMP, WEBP, ...)."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(1, 255, (size, size, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def broken_png(rng: np.random.Generator) -> bytes:
+    """A PNG whose headers and end are intact but whose compressed pixels are damaged: it passes the
+    readers' checks and fails in the decoder (DALI then fails the whole batch)."""
+    data = bytearray(png_bytes(rng))
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+def write_samples(folder: Path, modality: str, samples: list[dict], shard_size: int = 10) -> Path:
+    """Write `samples` (extension -> payload, in key order) as a shard set."""
+    with ShardSetWriter(folder, modality=modality, shard_size=shard_size) as w:
+        for i, fields in enumerate(samples):
+            w.write(f"{i:05d}", **fields)
+    return folder
+
+
+def train_tokenizer_for(folder: Path) -> None:
+    """A small BPE tokenizer.json one folder above `folder`, trained on the NATO alphabet."""
+    rng = np.random.default_rng(4)
+    train_tokenizer([sentence(rng) for _ in range(60)], folder.parent / "tokenizer.json", vocab_size=300)
+
+
+def pretrain_in_process(monkeypatch, config: str, run_dir: Path, *overrides: str) -> list[dict]:
+    """Train configs/`config` in this process (one thread); returns the metrics.jsonl records."""
+    import torch
+
+    from d2v_engine.config import load_config
+    from d2v_engine.metrics import read_metrics
+    from d2v_engine.trainer import Trainer
+
+    for key, value in (("MASTER_PORT", "29741"), ("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / config,
+                          [f"run.dir={run_dir}", "train.progress=false", *overrides])
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        torch.set_num_threads(threads)
+    return read_metrics(run_dir)

@@ -1,15 +1,18 @@
-"""The `torch` reader: batch layout per modality, value ranges, determinism, exact resume, ranks."""
+"""The `torch` reader: batch layout per modality, value ranges, determinism, exact resume, ranks.
+
+Bad input (both readers) is tested in test_bad_input.py, the `dali` reader in test_dali.py.
+"""
 from __future__ import annotations
 
 import itertools
-import logging
 
+import numpy as np
 import pytest
 import torch
-from synth_shards import make_cfg, write_image_shards
+from synth_shards import make_cfg
 
 from d2v_engine.data import build_loader
-from d2v_engine.data.webdataset import epoch_batches
+from d2v_engine.data.stream import RankPlan, deal_shards
 from d2v_engine.models.audio import conv_output_length
 
 KEYS = {
@@ -111,18 +114,25 @@ def test_same_seed_same_batches_other_seed_other_batches(shard_sets, modality):
 def test_resume_from_position_matches_uninterrupted_stream(shard_sets, modality):
     stream = stream_for(shard_sets, modality)[0]
     per_epoch = stream.batches_per_epoch
-    batches = take(stream, per_epoch + 3)                          # crosses an epoch boundary
-    assert stream.state_dict() == {"epoch": 1, "batch": 3}
+    states = []
+    for _ in range(per_epoch + 3):                                 # crosses an epoch boundary
+        next(stream)
+        states.append(stream.state_dict())
+    # The last samples of epoch 0 that fill no batch are read too (and wait for the next order).
+    assert states[-1] == {"epoch": 1, "batch": 3, "offset": 12, "samples_read": stream.plan.per_epoch + 12,
+                          "bad_samples": 0}
+    batches = take(stream_for(shard_sets, modality)[0], per_epoch + 3)
     cut = per_epoch - 2
-    resumed = stream_for(shard_sets, modality, position={"epoch": 0, "batch": cut})[0]
+    resumed = stream_for(shard_sets, modality, position=states[cut - 1])[0]
     assert_same_batches(batches[cut:], take(resumed, len(batches) - cut))
     assert resumed.state_dict() == stream.state_dict()
 
 
 def test_position_at_epoch_end_rolls_over(shard_sets):
     stream = stream_for(shard_sets, "image")[0]
+    # A position without an offset (older checkpoints) counts whole batches.
     rolled = stream_for(shard_sets, "image", position={"epoch": 0, "batch": stream.batches_per_epoch})[0]
-    assert rolled.state_dict() == {"epoch": 1, "batch": 0}
+    assert rolled.state_dict()["epoch"] == 1 and rolled.state_dict()["offset"] == 0
     fresh = stream_for(shard_sets, "image", position={"epoch": 1, "batch": 0})[0]
     assert_same_batches(take(rolled, 2), take(fresh, 2))
 
@@ -133,41 +143,40 @@ def test_workers_give_the_same_batches(shard_sets):
     assert_same_batches(serial, parallel)
 
 
-def test_ranks_read_disjoint_slices(shard_sets):
-    seen = []
+def test_ranks_read_disjoint_shards(shard_sets):
+    seen, shards = [], []
     for rank in range(2):
         stream = stream_for(shard_sets, "image", "train.batch_size=8", rank=rank, world_size=2)[0]
-        assert stream.batch_size == 4
+        assert stream.batch_size == 4 and stream.plan.shards is not None
+        shards.append(set(stream.plan.shards))
         seen.append(torch.cat([b["index"] for b in take(stream, stream.batches_per_epoch)]))
+    assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 2
     assert len(set(seen[0].tolist()) & set(seen[1].tolist())) == 0
     assert len(set(seen[0].tolist())) == len(seen[0]) == 20
+    for rank in range(2):        # shard s holds samples 10s .. 10s + 9
+        assert {i // 10 for i in seen[rank].tolist()} == shards[rank]
 
 
-def test_epoch_permutation_covers_each_sample_once():
-    plan = epoch_batches(103, seed=3, epoch=5, rank=1, world_size=3, batch_size=7)
-    assert plan.shape == (34 // 7, 7)
-    everything = [epoch_batches(103, seed=3, epoch=5, rank=r, world_size=3, batch_size=1).ravel()
-                  for r in range(3)]
-    flat = [i for part in everything for i in part.tolist()]
-    assert len(flat) == len(set(flat)) == 102
-    other = epoch_batches(103, seed=3, epoch=6, rank=1, world_size=3, batch_size=7)
-    assert not (plan == other).all()
+def test_shards_are_dealt_evenly_or_not_at_all():
+    assert deal_shards([10, 10, 10, 10], 2) == [[0, 2], [1, 3]]
+    assert deal_shards([50, 10, 10, 10, 10, 10], 2) == [[0], [1, 2, 3, 4, 5]]
+    assert deal_shards([10, 10, 10], 2) is None          # 20 against 10 samples
+    assert deal_shards([10], 2) is None                  # fewer shards than ranks
 
 
-def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
-    path = write_image_shards(tmp_path / "train", 24, corrupt={3, 17})
-    cfg, spec = make_cfg("image_debug", path)
-    stream = build_loader(cfg, spec)
-    with caplog.at_level(logging.WARNING, logger="d2v_engine.data.webdataset"):
-        batches = take(stream, stream.batches_per_epoch)
-    indices = torch.cat([b["index"] for b in batches]).tolist()
-    assert 3 not in indices and 17 not in indices
-    assert all(b["images"].shape[0] == 4 for b in batches)
-    assert stream.bad_samples >= 2 and stream.samples_read == 24
-    logged = [r.getMessage() for r in caplog.records]
-    # Key 00003 lies in shard 0 and 00017 in shard 1: one warning for each shard.
-    assert any("00003" in m and "shard-000000.tar" in m for m in logged)
-    assert any("shard-000001.tar" in m for m in logged)
+@pytest.mark.parametrize("dealt", [True, False])
+def test_epoch_orders_cover_each_sample_once(dealt):
+    world = 3
+    if dealt:
+        held = [[0, 3], [1, 4], [2, 5]]                   # 6 shards of 17 samples
+        plans = [RankPlan(np.concatenate([np.arange(17 * s, 17 * s + 17) for s in held[r]]), 34,
+                          held[r], r, world) for r in range(world)]
+    else:
+        plans = [RankPlan(np.arange(103), 34, None, r, world) for r in range(world)]
+    orders = [p.order(seed=3, epoch=5) for p in plans]
+    flat = np.concatenate(orders).tolist()
+    assert all(len(o) == 34 for o in orders) and len(flat) == len(set(flat)) == 102
+    assert not (plans[1].order(seed=3, epoch=6) == orders[1]).all()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

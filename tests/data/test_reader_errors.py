@@ -78,7 +78,7 @@ def test_batch_larger_than_the_data(image_shards):
 def test_all_samples_bad_stops_with_a_user_error(tmp_path):
     path = write_image_shards(tmp_path / "train", 8, corrupt=set(range(8)))
     stream = loader("image_debug", path)
-    with pytest.raises(UserError, match="fail to decode") as err:
+    with pytest.raises(UserError, match="could be decoded, too few for one batch") as err:
         next(stream)
     assert_one_sentence(err)
 

@@ -76,17 +76,24 @@ def test_index_reads_back_every_member(tmp_path):
         raw = index.read(i)
         assert raw["png"] == data and raw["cls"] == str(i % 4).encode()
     shard = str(list_shards(tmp_path)[0])
-    assert _scan_ustar(shard) == list(_scan_with_tarfile(shard))
+    assert _scan_ustar(shard) == _scan_with_tarfile(shard)
 
 
-def test_index_of_a_truncated_shard_keeps_the_intact_samples(tmp_path):
+@pytest.mark.parametrize("cut", [2500, 2600, 1024 * 3])
+def test_index_of_a_truncated_shard_keeps_the_intact_samples(tmp_path, cut):
     write_set(tmp_path, 3, shard_size=10)
     shard = list_shards(tmp_path)[0]
-    shard.write_bytes(shard.read_bytes()[:2500])
+    shard.write_bytes(shard.read_bytes()[:cut])
     index = build_index([shard])
     assert 0 < len(index) < 3
-    for i in range(len(index)):
+    for i in range(len(index) - 1):
         assert set(index.read(i)) == {"png", "cls"}
+    # The sample the cut runs through stays indexed, so that readers count it as bad.
+    members, complete = _scan_ustar(str(shard))
+    assert not complete and _scan_with_tarfile(str(shard))[1] is False
+    if members[-1][1] + members[-1][2] > cut:
+        with pytest.raises(OSError, match="short read"):
+            index.read(len(index) - 1)
 
 
 def test_index_of_a_gnu_tar_with_long_names(tmp_path):

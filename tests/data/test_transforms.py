@@ -11,22 +11,37 @@ import torch
 from PIL import Image
 from synth_shards import audio_bytes, png_bytes
 
-from d2v_engine.data.transforms import (ImageTransform, TextEncoder, decode_audio, normalize_audio,
-                                        random_crop, random_resized_crop_box, resample, sample_rng)
+from d2v_engine.data.transforms import (ImageTransform, TextEncoder, counter_uniforms, decode_audio,
+                                        normalize_audio, random_crop, random_resized_crop_boxes,
+                                        resample, sample_rng)
 from d2v_engine.errors import UserError
 
 
 @pytest.mark.parametrize("width, height", [(28, 28), (64, 20), (5, 300), (1, 1)])
 def test_crop_box_fits_and_respects_scale(width, height):
-    for index in range(50):
-        left, top, right, bottom = random_resized_crop_box(width, height, sample_rng(0, 0, index, 0),
-                                                           (0.35, 1.0))
-        assert 0 <= left < right <= width and 0 <= top < bottom <= height
-        w, h = right - left, bottom - top
-        if (width, height) == (28, 28):
-            # Rounding of w and h can move the area a little below the requested fraction.
-            assert 0.25 <= w * h / (width * height) <= 1.0
-            assert 3 / 4 - 0.15 <= w / h <= 4 / 3 + 0.15
+    n = 200
+    u = counter_uniforms(0, 0, np.arange(n), 41, 0)
+    boxes = random_resized_crop_boxes(np.full(n, width), np.full(n, height), u, (0.35, 1.0))
+    left, top, right, bottom = boxes.T
+    assert (0 <= left).all() and (left < right).all() and (right <= width).all()
+    assert (0 <= top).all() and (top < bottom).all() and (bottom <= height).all()
+    w, h = right - left, bottom - top
+    if (width, height) == (28, 28):
+        # Rounding of w and h can move the area a little below the requested fraction.
+        assert (0.25 <= w * h / (width * height)).all() and (w * h <= width * height).all()
+        assert (3 / 4 - 0.15 <= w / h).all() and (w / h <= 4 / 3 + 0.15).all()
+        assert len(set(map(tuple, boxes.tolist()))) > n // 2      # the boxes vary
+
+
+def test_counter_uniforms_are_uniform_and_pure():
+    u = counter_uniforms(7, 2, np.arange(5000), 6, 1)
+    assert u.shape == (5000, 6) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
+    # Row i depends on index[i] alone, not on the other samples of the call.
+    assert np.array_equal(counter_uniforms(7, 2, np.array([4321]), 6, 1)[0], u[4321])
+    for seed, epoch, stream in ((8, 2, 1), (7, 3, 1), (7, 2, 2)):
+        other = counter_uniforms(seed, epoch, np.arange(5000), 6, stream)
+        assert np.abs(other - u).mean() > 0.2
 
 
 def test_image_transform_shape_normalisation_and_seeding():
