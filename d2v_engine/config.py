@@ -61,7 +61,8 @@ class DataConfig:
     max_tokens: int = 512
     """Text: longest token sequence, special tokens included; longer texts are truncated."""
     max_bad_fraction: float = 0.01
-    """Stop the run when more than this fraction of the samples read (all ranks) cannot be decoded."""
+    """Stop the run when more than this fraction of the samples read (all ranks) cannot be decoded
+    (judged with a three-sigma margin for the count so far: `trainer.too_many_bad`)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +138,22 @@ def test_teacher_updates_once_per_optimizer_step(data_root, tmp_path, monkeypatc
     trainer.close()
     assert calls == [(s, s, 3 * s) for s in range(1, 5)]
     assert trainer.data.state_dict()["batch"] == 12
+
+
+def test_bad_fraction_is_judged_with_a_margin_for_chance():
+    """At the limit itself a run rarely stops by chance; well above it, it stops within a few
+    thousand samples; a limit of 0 stops at the first bad sample."""
+    from d2v_engine.trainer import too_many_bad
+
+    rng = np.random.default_rng()
+    read = np.arange(64, 20_001, 64)               # a check every 64 samples, as a run's log steps
+
+    def stops(rate):
+        bad = np.cumsum(rng.random(read[-1]) < rate)[read - 1]
+        hits = [too_many_bad(int(r), int(b), 0.01) for r, b in zip(read, bad)]
+        return int(np.argmax(hits)) if any(hits) else None
+
+    at_limit = [stops(0.01) for _ in range(200)]
+    assert sum(s is not None for s in at_limit) <= 25   # about 1 run in 18 (11 expected, sd 3.2)
+    assert all(s is not None and read[s] <= 3000 for s in (stops(0.03) for _ in range(20)))
+    assert too_many_bad(10, 1, 0.0) and not too_many_bad(10, 0, 0.0)
