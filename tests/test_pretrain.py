@@ -119,7 +119,10 @@ def test_teacher_updates_once_per_optimizer_step(data_root, tmp_path, monkeypatc
     from d2v_engine.config import load_config
     from d2v_engine.trainer import Trainer
 
-    monkeypatch.setenv("MASTER_PORT", "29731")
+    # A one-rank launcher environment, undone after the test (later subprocesses must not inherit it).
+    for key, value in (("MASTER_PORT", "29731"), ("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / "debug_image.yaml", [
         f"data.path={data_root / 'fashion-mnist' / 'train'}", f"run.dir={tmp_path / 'run'}",
