@@ -61,6 +61,9 @@ data: setup
 pretrain: setup
 	$(PY) -m d2v_engine.cli prepare fashion-mnist --out $(DATA)
 	.venv/bin/deepspeed --num_gpus $(NUM_GPUS) d2v_engine/pretrain.py --config $(CONFIG) $(ARGS)
+	@# Proof of learning: probe the run's frozen encoder beside the same encoder at random init
+	@# (k-NN and linear probe on every task of its modality); the run dir gets eval.json and plots/eval.png.
+	$(PY) -m d2v_engine.cli eval --config $(CONFIG) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

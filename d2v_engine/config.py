@@ -91,6 +91,9 @@ class TargetConfig:
     """Parameter-free normalisation of each block output before averaging."""
     final_norm: Literal["layer", "instance", "none"] = "none"
     """Normalisation of the average."""
+    block_output: Literal["ffn", "block"] | None = None
+    """What each top-K block contributes: its FFN output before the residual (`ffn`) or its output
+    (`block`); None = the model's own choice (images `block`, audio and text `ffn`)."""
 
 
 @dataclass

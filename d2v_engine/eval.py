@@ -167,37 +167,64 @@ def _decode(inputs, raws: list[dict], task: str) -> list:
                         f"rebuild its shards.") from None
 
 
-def run_task(name: str, task: Task, encoders: dict, cfg: Config, root: Path, opts: EvalOptions) -> dict:
-    """Features and probes of one task for every encoder.
+def task_features(name: str, task: Task, encoders: dict, cfg: Config, root: Path, opts: EvalOptions
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Features of a task's probe training and test samples under every encoder, in one pass each.
 
+    Args:
+        name: the task's name (`custom` reads its paths as given, the others under `root`).
+        task: what to read; encoders: name -> encoder (any number, all of the run's modality).
+        cfg: the run's config (input size, normalisation, tokenizer); root: the data root.
+        opts: limits, batch size, `raw` (images: normalised pixels as one more feature set, `raw_input`).
     Returns:
-        {"knn_acc", "linear_acc", "random_init": {...}, ("raw_input": {...}), "n_train", "n_test", "seconds"}.
+        (train features name -> float32 [N, C], train labels int64 [N], test features name -> [M, C],
+        test labels [M]), labels renumbered 0..K-1 over both sets.
     """
-    start = time.perf_counter()
-    spec = encoders["trained"].spec
+    spec = next(iter(encoders.values())).spec
     inputs = build_inputs(cfg, spec, task)
-    # Raw pixels as a third "encoder": the baseline a learned image feature should beat.
+    # Raw pixels as one more "encoder": the baseline a learned image feature should beat.
     extra = {"raw_input": lambda b: b["images"].flatten(1)} if opts.raw and spec.modality == "image" else None
     limit_train = opts.limit_train if opts.limit_train is not None else task.train_limit
+    device = next(next(iter(encoders.values())).parameters()).device
     sets = {}
     for split, path, limit in (("train", task.train, limit_train), ("test", task.test, opts.limit_test)):
         folder = Path(path) if name == "custom" else root / path
         raws, labels = read_labelled(folder, limit, name, task.prepare)
         feats = probes.extract(encoders, _decode(inputs, raws, name), inputs.collate, opts.batch_size,
-                               extra, device=next(encoders["trained"].parameters()).device)
+                               extra, device=device)
         sets[split] = (feats, labels)
     (train, train_y), (test, test_y) = sets["train"], sets["test"]
     # Class ids may be any integers: number them 0..K-1 for the probes.
     classes = np.unique(np.concatenate([train_y, test_y]))
-    train_y, test_y = np.searchsorted(classes, train_y), np.searchsorted(classes, test_y)
+    return train, np.searchsorted(classes, train_y), test, np.searchsorted(classes, test_y)
 
-    def scores(key: str) -> dict[str, float]:
-        return {"knn_acc": probes.knn_accuracy(train[key], train_y, test[key], test_y, k=opts.k),
-                "linear_acc": probes.linear_accuracy(train[key], train_y, test[key], test_y)}
 
-    result: dict[str, Any] = {**scores("trained"), "random_init": scores("random")}
-    if "raw_input" in train:
-        result["raw_input"] = scores("raw_input")
+def probe_scores(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray,
+                 k: int) -> dict[str, float]:
+    """k-NN and linear-probe accuracy of one feature set.
+
+    Args:
+        train: [N, C] features, train_y: [N] labels; test: [M, C], test_y: [M]; k: k-NN neighbours.
+    Returns:
+        {"knn_acc", "linear_acc"}.
+    """
+    return {"knn_acc": probes.knn_accuracy(train, train_y, test, test_y, k=k),
+            "linear_acc": probes.linear_accuracy(train, train_y, test, test_y)}
+
+
+def run_task(name: str, task: Task, encoders: dict, cfg: Config, root: Path, opts: EvalOptions) -> dict:
+    """Features and probes of one task for the trained and the random-init encoder.
+
+    Returns:
+        {"knn_acc", "linear_acc", "random_init": {...}, ("raw_input": {...}), "n_train", "n_test",
+        "classes", "seconds"}.
+    """
+    start = time.perf_counter()
+    train, train_y, test, test_y = task_features(name, task, encoders, cfg, root, opts)
+    scores = {key: probe_scores(train[key], train_y, test[key], test_y, opts.k) for key in train}
+    result: dict[str, Any] = {**scores["trained"], "random_init": scores["random"]}
+    if "raw_input" in scores:
+        result["raw_input"] = scores["raw_input"]
     result.update(n_train=len(train_y), n_test=len(test_y), classes=int(len(np.unique(train_y))),
                   seconds=round(time.perf_counter() - start, 1))
     return result

@@ -117,7 +117,8 @@ class Trainer:
 
         # data first: a text model's vocabulary comes from the data's tokenizer
         spec = with_overrides(get_spec(cfg.model.name), dropout=cfg.model.dropout,
-                              drop_path=cfg.model.drop_path, layerdrop=cfg.model.layerdrop)
+                              drop_path=cfg.model.drop_path, layerdrop=cfg.model.layerdrop,
+                              target_output=cfg.target.block_output)
         self.data = self._build_data(spec, position=None)
         if spec.modality == "text":
             spec = dataclasses.replace(spec, vocab_size=self.data.vocab_size)
