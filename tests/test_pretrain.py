@@ -127,8 +127,11 @@ def test_teacher_updates_once_per_optimizer_step(data_root, tmp_path, monkeypatc
     cfg = load_config(ROOT / "configs" / "debug_image.yaml", [
         f"data.path={data_root / 'fashion-mnist' / 'train'}", f"run.dir={tmp_path / 'run'}",
         "train.steps=4", "train.grad_accum=3", "train.batch_size=12", "train.progress=false",
-        "data.num_workers=0"])
+        "data.num_workers=0", "target.block_output=ffn"])
     trainer = Trainer(cfg)
+    # target.block_output reaches the blocks of both networks (images default to end-of-block targets).
+    for encoder in (trainer.model.encoder, trainer.teacher.module):
+        assert {block.target_output for block in encoder.encoder.layers} == {"ffn"}
     calls = []
     update = trainer.teacher.update
 
