@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
 from d2v_engine.export import consolidate, find_tag
-from d2v_engine.models.registry import ModelSpec, build_encoder, get_spec
+from d2v_engine.models.registry import ModelSpec, build_encoder, get_spec, with_model_config
 
 Weights = Literal["student", "teacher", "random"]
 
@@ -70,8 +70,10 @@ def load_run_weights(run_dir: str | Path, tag: str | None = None) -> RunWeights:
 
 
 def run_spec(cfg: Config, student: dict[str, Tensor]) -> ModelSpec:
-    """The run's model spec; a text model's vocabulary size comes from its trained embedding."""
-    spec = get_spec(cfg.model.name)
+    """The run's model spec; a text model's vocabulary size comes from its trained embedding.
+
+    The `model` section's overrides apply (the dropouts are harmless: probes run in eval mode)."""
+    spec = with_model_config(get_spec(cfg.model.name), cfg.model)
     table = student.get("embeddings.word_embeddings.weight")
     if spec.modality == "text" and table is not None:
         spec = dataclasses.replace(spec, vocab_size=table.shape[0])

@@ -28,6 +28,9 @@ class ModelConfig:
     """Stochastic-depth rate of the last block (images); None keeps the registry's value."""
     layerdrop: float | None = None
     """Probability of skipping a whole block in the student; None keeps the registry's value."""
+    pos_conv_padding: Literal["zeros", "circular"] | None = None
+    """Audio: padding of the position convolution (`zeros` as data2vec and Hugging Face, `circular`:
+    no frame can tell its index; see `ModelSpec.pos_conv_padding`); None keeps the registry's value."""
 
 
 @dataclass

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-FIELDS = ("step", "loss", "lr", "ema_decay", "target_var", "pred_var", "grad_norm", "samples_per_s",
-          "step_ms", "data_ms", "bad_samples")
+FIELDS = ("step", "loss", "lr", "ema_decay", "target_var", "pred_var", "target_sample_var", "grad_norm",
+          "samples_per_s", "step_ms", "data_ms", "bad_samples")
 """The fields of every `metrics.jsonl` record, in order."""
 
 
@@ -20,6 +20,7 @@ def format_line(m: dict[str, float], total_steps: int) -> str:
     width = len(str(total_steps))
     return (f"step {int(m['step']):>{width}}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
             f"ema {m['ema_decay']:.5f} | tvar {m['target_var']:.3f} | pvar {m['pred_var']:.3f} | "
+            f"tsvar {m['target_sample_var']:.3f} | "
             f"gnorm {m['grad_norm']:.3f} | {m['samples_per_s']:.1f} samples/s | "
             f"{m['step_ms']:.0f} ms/step | data {m['data_ms']:.0f} ms"
             + (f" | {m['bad_samples']} bad samples" if m.get("bad_samples") else ""))
@@ -98,6 +99,8 @@ def plot_run(run_dir: Path) -> Path | None:
     axes[0].set(title="loss", xlabel="step", yscale="log")
     axes[1].plot(steps, [r["target_var"] for r in records], label="target")
     axes[1].plot(steps, [r["pred_var"] for r in records], label="prediction")
+    if all("target_sample_var" in r for r in records):   # runs logged before it existed lack it
+        axes[1].plot(steps, [r["target_sample_var"] for r in records], label="target, across samples")
     axes[1].set(title="std over masked positions", xlabel="step")
     axes[1].legend()
     axes[2].plot(steps, [r["samples_per_s"] for r in records])

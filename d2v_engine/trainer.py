@@ -28,8 +28,8 @@ from d2v_engine.config import Config, dump_config
 from d2v_engine.data import BatchStream, build_loader
 from d2v_engine.errors import UserError
 from d2v_engine.metrics import MetricsLogger, git_record, plot_run
-from d2v_engine.models.data2vec import Data2Vec, masked_std
-from d2v_engine.models.registry import build_encoder, get_spec, with_overrides
+from d2v_engine.models.data2vec import Data2Vec, masked_std, std_across_samples
+from d2v_engine.models.registry import build_encoder, get_spec, with_model_config, with_overrides
 from d2v_engine.teacher import EMATeacher
 
 CHECKPOINT_META = "d2v.json"
@@ -116,8 +116,7 @@ class Trainer:
         self._grad_norm: Tensor | float = float("nan")
 
         # data first: a text model's vocabulary comes from the data's tokenizer
-        spec = with_overrides(get_spec(cfg.model.name), dropout=cfg.model.dropout,
-                              drop_path=cfg.model.drop_path, layerdrop=cfg.model.layerdrop,
+        spec = with_overrides(with_model_config(get_spec(cfg.model.name), cfg.model),
                               target_output=cfg.target.block_output)
         self.data = self._build_data(spec, position=None)
         if spec.modality == "text":
@@ -246,11 +245,12 @@ class Trainer:
         counts summed. `.tolist()` is the interval's one device sync point.
         """
         local = torch.stack([window.loss_sum / window.steps, masked_std(stats["target"]),
-                             masked_std(stats["pred"])]).double()
+                             masked_std(stats["pred"]),
+                             std_across_samples(stats["target"], stats["mask"])]).double()
         counts = torch.tensor([self.data.samples_read, self.data.bad_samples], dtype=torch.float64,
                               device=local.device)
         total = distributed.all_reduce_sum(torch.cat([local, counts])).tolist()
-        loss, target_var, pred_var = (v / self.world_size for v in total[:3])
+        loss, target_var, pred_var, sample_var = (v / self.world_size for v in total[:4])
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
@@ -261,13 +261,14 @@ class Trainer:
             "ema_decay": decay,
             "target_var": target_var,
             "pred_var": pred_var,
+            "target_sample_var": sample_var,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "samples_per_s": window.steps * self.cfg.train.batch_size / window.seconds,
             "step_ms": 1000 * window.seconds / window.steps,
             "data_ms": 1000 * window.data_seconds / window.steps,
-            "bad_samples": int(total[4]),   # running count over the run, all ranks
+            "bad_samples": int(total[5]),   # running count over the run, all ranks
         }
-        return metrics, int(total[3]), int(total[4])
+        return metrics, int(total[4]), int(total[5])
 
     def _check_bad_samples(self, read: int, bad: int) -> None:
         """Stop with one sentence once undecodable samples (all ranks) pass `data.max_bad_fraction`."""

@@ -27,7 +27,7 @@ from d2v_engine.errors import UserError
 from d2v_engine.export import EXPORT_FORMAT, consolidate, find_tag
 from d2v_engine.hf.spec import MODEL_TYPES, architecture_diff, require_transformers, spec_from_hf_config
 from d2v_engine.hf.weights import from_hf, to_hf
-from d2v_engine.models.registry import ModelSpec, build_encoder, get_spec, with_overrides
+from d2v_engine.models.registry import ModelSpec, build_encoder, get_spec, with_model_config
 
 
 def quiet_transformers() -> None:
@@ -89,6 +89,9 @@ def _check_fits(hf_dir: str | Path, got: ModelSpec, want: ModelSpec, cfg: Config
     if got.transformer.norm_eps != want.transformer.norm_eps:
         notes.append(f"layer-norm eps is {got.transformer.norm_eps:g} in the Hugging Face model and "
                      f"{want.transformer.norm_eps:g} in model '{name}': pretraining uses the latter.")
+    if got.modality == "audio" and got.pos_conv_padding != want.pos_conv_padding:
+        notes.append(f"the position convolution pads with {got.pos_conv_padding} in the Hugging Face model and "
+                     f"{want.pos_conv_padding} in model '{name}': pretraining uses the latter.")
     return notes
 
 
@@ -117,7 +120,7 @@ def hf_import(hf_dir: str | Path, config: str | Path, out: str | Path,
         UserError: another model type, shape or vocabulary than the config's model.
     """
     cfg = load_config(config, list(overrides))
-    want = get_spec(cfg.model.name)
+    want = with_model_config(get_spec(cfg.model.name), cfg.model)
     hf_model = load_hf_model(hf_dir)
     modality = MODEL_TYPES[hf_model.config.model_type]
     if modality != want.modality:
@@ -145,7 +148,7 @@ def hf_import(hf_dir: str | Path, config: str | Path, out: str | Path,
 def _run_encoder(cfg: Config, state: dict[str, torch.Tensor], where: str) -> nn.Module:
     """The run's encoder (its dropouts included, for the exported config) holding `state`."""
     m = cfg.model
-    spec = with_overrides(run_spec(cfg, state), dropout=m.dropout, drop_path=m.drop_path, layerdrop=m.layerdrop)
+    spec = run_spec(cfg, state)   # the model section's overrides, dropouts included
     encoder = build_encoder(spec)
     buffers = {name for name, _ in encoder.named_buffers()}
     result = encoder.load_state_dict(state, strict=False)

@@ -96,7 +96,7 @@ def _audio_fields(c) -> tuple[dict, dict]:
              attn_dropout=float(c.attention_dropout), act_dropout=float(c.activation_dropout),
              layerdrop=float(c.layerdrop))
     conv = tuple((int(d), int(k), int(s)) for d, k, s in zip(c.conv_dim, c.conv_kernel, c.conv_stride))
-    m = dict(conv_layers=conv, pos_conv_depth=int(c.num_conv_pos_embeddings),
+    m = dict(conv_layers=conv, pos_conv_depth=int(c.num_conv_pos_embeddings), pos_conv_padding="zeros",
              pos_conv_kernel=int(c.conv_pos_kernel_size), pos_conv_groups=int(c.num_conv_pos_embedding_groups),
              dropout_input=float(c.feat_proj_dropout))
     return t, m
@@ -195,6 +195,9 @@ def hf_config_from_spec(spec: ModelSpec):
              f"Data2Vec counterpart.")
     _require(image or t.layer_scale == 0, f"the Hugging Face {spec.modality} model has no layer scale; "
                                           f"export a spec with layer_scale=0.")
+    _require(spec.modality != "audio" or spec.pos_conv_padding == "zeros",
+             "the Hugging Face audio model pads its position convolution with zeros, this one is circular "
+             "(audio_debug's default); pretrain with model.pos_conv_padding=zeros to export it.")
     fields = {"image": _vision_config, "audio": _audio_config, "text": _text_config}[spec.modality](spec)
     cls = {"image": transformers.Data2VecVisionConfig, "audio": transformers.Data2VecAudioConfig,
            "text": transformers.Data2VecTextConfig}[spec.modality]

@@ -85,11 +85,15 @@ class FeatureProjection(nn.Module):
 
 
 class PosConvLayer(nn.Module):
-    """Grouped Conv1d that keeps the length -> LayerNorm (no affine) -> GELU."""
+    """Grouped Conv1d that keeps the length -> LayerNorm (no affine) -> GELU.
 
-    def __init__(self, dim: int, kernel: int, groups: int, eps: float):
+    `padding`: `zeros` as in data2vec (frames within half a kernel of an edge see the zeros, which tells
+    them where they are) or `circular` (the clip wraps around: no frame can tell its index).
+    """
+
+    def __init__(self, dim: int, kernel: int, groups: int, eps: float, padding: str = "zeros"):
         super().__init__()
-        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups, padding_mode=padding)
         # An even kernel with padding k//2 yields one frame too many; the last one is dropped.
         self.trim = 1 if kernel % 2 == 0 else 0
         self.layer_norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
@@ -108,7 +112,8 @@ class PosConvEmbed(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         t = spec.transformer
-        self.layers = nn.ModuleList(PosConvLayer(t.dim, spec.pos_conv_kernel, spec.pos_conv_groups, POS_CONV_EPS)
+        self.layers = nn.ModuleList(PosConvLayer(t.dim, spec.pos_conv_kernel, spec.pos_conv_groups, POS_CONV_EPS,
+                                                 spec.pos_conv_padding)
                                     for _ in range(spec.pos_conv_depth))
 
     def forward(self, x: Tensor) -> Tensor:

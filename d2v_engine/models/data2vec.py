@@ -71,7 +71,8 @@ class Data2Vec(nn.Module):
             batch: the collate's batch (layout in `d2v_engine.data`), on the model's device.
             teacher: the EMA teacher that builds the targets.
         Returns:
-            (loss, stats): the scalar loss (mean over masked rows) and detached `pred`/`target` [M, C].
+            (loss, stats): the scalar loss (mean over masked rows), detached `pred`/`target` [M, C] and
+            the `mask` [B, T] that orders their rows.
         """
         views = self.encoder.views(batch)
         mask = batch["mask"]
@@ -79,7 +80,7 @@ class Data2Vec(nn.Module):
         pred = self.predict(views, mask)
         loss = ops.regression_loss(pred, target, beta=self.beta, scale=self.scale, reduction="mean",
                                    backend=self.backend)
-        return loss, {"pred": pred.detach(), "target": target}
+        return loss, {"pred": pred.detach(), "target": target, "mask": mask}
 
 
 def masked_std(x: Tensor) -> Tensor:
@@ -94,3 +95,32 @@ def masked_std(x: Tensor) -> Tensor:
     if x.shape[0] < 2:
         return torch.zeros((), device=x.device)
     return torch.sqrt(x.var(dim=0) + 1e-6).mean()
+
+
+def std_across_samples(x: Tensor, mask: Tensor) -> Tensor:
+    """`masked_std` among the rows that share a position, averaged over positions and channels.
+
+    `masked_std` cannot tell a target that carries the input from one that only encodes where a row
+    sits (its frame or token index): both vary over rows. This spread compares rows of different
+    samples at the same position, so a positional collapse (student and teacher agreeing on a
+    function of the position alone, which the loss then fits almost exactly) shows as it going to 0
+    while `masked_std` stays high. Instance-normalised audio targets are the usual victims.
+
+    Args:
+        x: [M, C] rows at the masked positions of `mask`, in its row-major order.
+        mask: [B, T] bool, M True entries.
+    Returns:
+        A 0-d fp32 tensor: sqrt of the mean, over positions masked in two or more samples and over
+        channels, of the variance across those samples; 0 when no position qualifies.
+    """
+    x = x.float()
+    pos = mask.nonzero()[:, 1]
+    count = torch.zeros(mask.shape[1], device=x.device).index_add_(0, pos, torch.ones_like(pos, dtype=x.dtype))
+    s1 = torch.zeros(mask.shape[1], x.shape[1], device=x.device).index_add_(0, pos, x)
+    s2 = torch.zeros_like(s1).index_add_(0, pos, x * x)
+    keep = count >= 2
+    if not bool(keep.any()):
+        return torch.zeros((), device=x.device)
+    n = count[keep, None]
+    var = (s2[keep] - s1[keep] ** 2 / n) / (n - 1)
+    return torch.sqrt(var.clamp_min(0).mean() + 1e-6)

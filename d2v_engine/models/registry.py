@@ -78,6 +78,11 @@ class ModelSpec:
     """Convolutional positional embedding: kernel size of each layer."""
     pos_conv_groups: int = 16
     """Convolutional positional embedding: groups of each layer."""
+    pos_conv_padding: Literal["zeros", "circular"] = "zeros"
+    """Convolutional positional embedding: padding of each layer. `zeros` is data2vec's; with it a frame
+    within the receptive field of an edge can tell its index, and on clips no longer than that field
+    (single words) student and teacher can agree on targets that depend on the index alone, a
+    collapse instance norm does not prevent. `circular` leaves the encoder no absolute position."""
     dropout_input: float = 0.0
     """Dropout on the projected CNN features (student only: the teacher runs in eval mode)."""
     # text
@@ -114,7 +119,10 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
     "image_base": ModelSpec("image", _image(768, 12, 12, layer_scale=1e-4, attn_dropout=0.05, drop_path=0.25)),
     "image_large": ModelSpec("image", _image(1024, 24, 16, layer_scale=1e-5, attn_dropout=0.15, drop_path=0.2)),
     # audio: wav2vec 2.0 CNN + 5-layer conv positions + post-LN blocks (base_librispeech.yaml)
-    "audio_debug": ModelSpec("audio", _post_ln(128, 4, 4, dropout=0.0, attn_dropout=0.0), conv_layers=_DEBUG_CONV),
+    # Pretrains on single spoken words (~1 s, 50 frames), shorter than the 91-frame receptive field of
+    # the position convolution: circular padding, so that no frame knows its index (see the field).
+    "audio_debug": ModelSpec("audio", _post_ln(128, 4, 4, dropout=0.0, attn_dropout=0.0), conv_layers=_DEBUG_CONV,
+                             pos_conv_padding="circular"),
     "audio_base": ModelSpec("audio", _post_ln(768, 12, 12, layerdrop=0.05)),
     "audio_large": ModelSpec("audio", _post_ln(1024, 24, 16, layerdrop=0.05)),
     # text: RoBERTa layout, post-LN, 2-layer regression head (data2vec_text.py)
@@ -134,6 +142,14 @@ def with_overrides(spec: ModelSpec, **transformer_overrides) -> ModelSpec:
     """A copy of `spec` with Transformer fields replaced where the value is not None."""
     changes = {k: v for k, v in transformer_overrides.items() if v is not None}
     return dataclasses.replace(spec, transformer=dataclasses.replace(spec.transformer, **changes))
+
+
+def with_model_config(spec: ModelSpec, model) -> ModelSpec:
+    """`spec` with what a config's `model` section overrides (None fields keep the registry's values)."""
+    spec = with_overrides(spec, dropout=model.dropout, drop_path=model.drop_path, layerdrop=model.layerdrop)
+    if model.pos_conv_padding is not None:
+        spec = dataclasses.replace(spec, pos_conv_padding=model.pos_conv_padding)
+    return spec
 
 
 def build_encoder(spec: ModelSpec) -> nn.Module:

@@ -333,3 +333,38 @@ def test_text_positions_skip_pad_tokens_whatever_the_attention_mask():
     attend_all = model(tokens, padding_mask=torch.zeros_like(tokens, dtype=torch.bool))
     want, _ = model.encoder(model.embeddings(tokens, tokens.ne(model.spec.pad_idx)))
     assert_close(attend_all.x, want)
+
+
+def test_std_across_samples_sees_positional_collapse():
+    """Rows that depend on their position only: high `masked_std`, ~0 `std_across_samples`."""
+    from d2v_engine.models.data2vec import masked_std, std_across_samples
+    B, T, C = 8, 30, 16
+    mask = torch.rand(B, T) < 0.5
+    positions = mask.nonzero()[:, 1]
+    by_position = torch.randn(T, C) * 2.0
+    collapsed = by_position[positions]                       # each row a function of its index t
+    assert masked_std(collapsed) > 1.0
+    assert std_across_samples(collapsed, mask) < 0.01
+    # Content rows (independent per sample): the spread across samples is the rows' own spread.
+    content = torch.randn(int(mask.sum()), C) * 3.0 + by_position[positions]
+    spread = std_across_samples(content, mask)
+    # Reference: the pooled per-position variance, positions masked in at least two samples.
+    var = torch.cat([content[positions == t].var(dim=0) for t in range(T) if (positions == t).sum() >= 2])
+    assert_close(spread, var.mean().add(1e-6).sqrt(), rtol=1e-4, atol=1e-5)
+    assert 2.5 < float(spread) < 3.5
+
+
+def test_circular_position_convolution_leaves_no_absolute_position():
+    """audio_debug (circular padding) is equivariant to rolling the frames; zero padding is not."""
+    spec = get_spec("audio_debug")
+    assert spec.pos_conv_padding == "circular"
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, spec.transformer.dim)
+    for padding in ("circular", "zeros"):
+        encoder = build_encoder(dataclasses.replace(spec, pos_conv_padding=padding)).eval()
+        with torch.no_grad():
+            out, rolled = encoder(x).x, encoder(x.roll(7, dims=1)).x
+        if padding == "circular":
+            assert_close(rolled, out.roll(7, dims=1), rtol=1e-4, atol=1e-4)
+        else:
+            assert (rolled - out.roll(7, dims=1)).abs().max() > 1e-2
