@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2v_engine.checkpoint import load_run_config, run_spec
+from d2v_engine.checkpoint import build_run_encoder, load_run_config, load_run_weights
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
-from d2v_engine.export import EXPORT_FORMAT, consolidate, find_tag
+from d2v_engine.export import EXPORT_FORMAT
 from d2v_engine.hf.spec import MODEL_TYPES, architecture_diff, require_transformers, spec_from_hf_config
 from d2v_engine.hf.weights import from_hf, to_hf
-from d2v_engine.models.registry import ModelSpec, build_encoder, get_spec, with_model_config
+from d2v_engine.models.registry import ModelSpec, get_spec, with_model_config
 
 
 def quiet_transformers() -> None:
@@ -145,20 +145,6 @@ def hf_import(hf_dir: str | Path, config: str | Path, out: str | Path,
     return {**exported, "notes": notes}
 
 
-def _run_encoder(cfg: Config, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """The run's encoder (its dropouts included, for the exported config) holding `state`."""
-    m = cfg.model
-    spec = run_spec(cfg, state)   # the model section's overrides, dropouts included
-    encoder = build_encoder(spec)
-    buffers = {name for name, _ in encoder.named_buffers()}
-    result = encoder.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in buffers]
-    if missing or result.unexpected_keys:
-        raise UserError(f"the weights in {where} do not fit model '{m.name}' (missing {missing[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]}); the run's config.yaml and checkpoint disagree.")
-    return encoder.eval()
-
-
 def _tokenizer(cfg: Config, spec: ModelSpec):
     """The run's tokenizer as a `transformers` fast tokenizer that adds `<s> ... </s>` as d2v does."""
     from tokenizers import Tokenizer, processors
@@ -210,16 +196,12 @@ def hf_export(run_dir: str | Path, out: str | Path, tag: str | None = None,
         {"model", "modality", "step", "tag", "weights", "files"}.
     """
     cfg = load_run_config(run_dir)
-    tag_dir = find_tag(run_dir, tag)
-    exported = consolidate(tag_dir)
-    state = dict(exported["student"])
-    if weights == "teacher":
-        state.update(exported["teacher"])
-    encoder = _run_encoder(cfg, state, f"checkpoint {tag_dir.name}")
+    found = load_run_weights(run_dir, tag)
+    encoder = build_run_encoder(cfg, found, weights)   # the model section's overrides, dropouts included
     model = to_hf(encoder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_preprocessor(cfg, encoder.spec, out)
-    return {"model": cfg.model.name, "modality": encoder.modality, "step": exported["step"],
-            "tag": tag_dir.name, "weights": weights, "files": sorted(p.name for p in out.iterdir())}
+    return {"model": cfg.model.name, "modality": encoder.modality, "step": found.step,
+            "tag": found.tag, "weights": weights, "files": sorted(p.name for p in out.iterdir())}
