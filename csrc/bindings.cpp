@@ -19,9 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ema_cache_size", &d2v::ema_cache_size, "Number of cached EMA plans.");
   m.def("make_targets", &d2v::make_targets, py::arg("layers"), py::arg("layer_norm"),
         py::arg("final_norm"), py::arg("mask"), py::arg("padding_mask"), py::arg("eps"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("repeat") = 1, py::call_guard<py::gil_scoped_release>(),
         "Averaged normalised targets [M, C] or [B, T, C] fp32 (norms: 0 none, 1 instance, "
-        "2 layer).");
+        "2 layer); with repeat R, mask [B*R, T] selects rows of sample r / R for each copy r.");
   m.def("regression_loss_fwd", &d2v::regression_loss_fwd, py::arg("pred"), py::arg("target"),
         py::arg("beta"), py::arg("scale"), py::arg("mean"), py::arg("need_grad"),
         py::call_guard<py::gil_scoped_release>(),

@@ -2,9 +2,11 @@
 // teacher outputs, optionally normalised again, returned only at the masked positions.
 //
 //   layers:       K tensors [B, T, C] (any strides with a contiguous C), fp32 / bf16 / fp16
-//   mask:         optional [B, T] bool, True = return this row
+//   mask:         optional [B*R, T] bool, True = return this row (R = repeat, default 1)
 //   padding_mask: optional [B, T] bool, True = padding (left out of instance-norm statistics)
-//   returns:      [M, C] fp32 (M masked rows in row-major (b, t) order), or [B, T, C] fp32;
+//   repeat:       R >= 1 masked copies per sample (data2vec 2.0): mask row r selects steps of
+//                 sample r / R
+//   returns:      [M, C] fp32 (M masked rows in row-major (r, t) order), or [B, T, C] fp32;
 //                 padded rows are 0
 //
 // Norms (as ops/reference.py): instance = per (b, c) over the valid steps of T, layer = per (b, t)
@@ -21,7 +23,12 @@
 //   tile from memory, the variance and normalise-and-accumulate passes re-read it from cache, so
 //   each layer output comes from memory once (the contract allows twice). Only returned rows are
 //   accumulated unless the final norm is an instance norm, which needs every valid row.
+// Repeat (R > 1): a source row (b, t) is an output row once per copy that masks it. Both
+// schedules compute it once, into its first output row, and a last pass copies that row to the
+// others: nothing of size [B*R, T, C] but the output exists, and the layers are read as for R = 1.
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "ops.h"
 
@@ -221,14 +228,15 @@ D2V_SIMD_CLONES void divide_leaf(float* x, int64_t n, float by) {
 // Which rows are valid and where each returned row goes, with per-batch row lists.
 struct RowMap {
   int64_t batch = 0, steps = 0, returned = 0;
-  std::vector<int64_t> out;             // [B*T]: output row, -1 = not returned
+  std::vector<int64_t> out;             // [B*T]: (first) output row, -1 = not returned
   std::vector<uint8_t> valid;           // [B*T]
   std::vector<int64_t> valid_offsets;   // [B+1] into valid_steps
   std::vector<int64_t> valid_steps;     // t of each valid row, grouped by b
+  std::vector<std::pair<int64_t, int64_t>> copies;  // (first, later) output rows of a source row
 };
 
 RowMap map_rows(int64_t batch, int64_t steps, const std::optional<at::Tensor>& mask,
-                const std::optional<at::Tensor>& padding) {
+                const std::optional<at::Tensor>& padding, int64_t repeat) {
   RowMap map;
   map.batch = batch;
   map.steps = steps;
@@ -237,8 +245,22 @@ RowMap map_rows(int64_t batch, int64_t steps, const std::optional<at::Tensor>& m
   const bool* masked = mask ? mask->const_data_ptr<bool>() : nullptr;
   const bool* padded = padding ? padding->const_data_ptr<bool>() : nullptr;
   map.valid_offsets.assign(batch + 1, 0);
+  // Output rows in the mask's row-major order; the first copy that selects a source row computes
+  // it, the others copy it afterwards (a sample's target is the same for each of its copies).
+  if (masked != nullptr) {
+    for (int64_t r = 0; r < batch * repeat * steps; ++r) {
+      if (!masked[r]) continue;
+      const int64_t source = (r / steps / repeat) * steps + r % steps;
+      const int64_t row = map.returned++;
+      if (map.out[source] < 0) {
+        map.out[source] = row;
+      } else {
+        map.copies.emplace_back(map.out[source], row);
+      }
+    }
+  }
   for (int64_t r = 0; r < batch * steps; ++r) {
-    if (masked == nullptr || masked[r]) map.out[r] = map.returned++;
+    if (masked == nullptr) map.out[r] = map.returned++;
     if (padded != nullptr && padded[r]) map.valid[r] = 0;
     if (map.valid[r]) {
       map.valid_steps.push_back(r % steps);
@@ -393,11 +415,23 @@ void final_layer_norm(const RowMap& map, int64_t c_size, float eps, float* out) 
   }
 }
 
+// The later copies of rows selected by several masks of one sample. The pairs are in output
+// order and a sample's copies are adjacent there, so each thread's share re-reads the first rows
+// of a few samples only, from cache.
+void copy_repeats(const RowMap& map, int64_t c_size, float* out) {
+  const int64_t pairs = static_cast<int64_t>(map.copies.size());
+#pragma omp parallel for schedule(static) num_threads(threads_for(pairs * c_size))
+  for (int64_t i = 0; i < pairs; ++i) {
+    const auto [from, to] = map.copies[i];
+    std::copy_n(out + from * c_size, c_size, out + to * c_size);
+  }
+}
+
 }  // namespace
 
 at::Tensor make_targets(const std::vector<at::Tensor>& layers, int64_t layer_norm,
                         int64_t final_norm, const std::optional<at::Tensor>& mask,
-                        const std::optional<at::Tensor>& padding_mask, double eps) {
+                        const std::optional<at::Tensor>& padding_mask, double eps, int64_t repeat) {
   TORCH_CHECK(!layers.empty(), "make_targets needs at least one layer (K >= 1)");
   TORCH_CHECK(layer_norm >= 0 && layer_norm <= 2 && final_norm >= 0 && final_norm <= 2,
               "make_targets: norms are 0 (none), 1 (instance) or 2 (layer)");
@@ -416,13 +450,18 @@ at::Tensor make_targets(const std::vector<at::Tensor>& layers, int64_t layer_nor
     views.push_back({static_cast<const char*>(l.const_data_ptr()), dtype_of(l),
                      static_cast<int64_t>(l.element_size()), l.stride(0), l.stride(1)});
   }
+  TORCH_CHECK(repeat >= 1 && (mask.has_value() || repeat == 1),
+              "make_targets: repeat must be 1, or positive with a mask");
   for (const auto* m : {&mask, &padding_mask}) {
+    const int64_t rows = m == &mask ? batch * repeat : batch;
     TORCH_CHECK(!m->has_value() || ((*m)->scalar_type() == at::kBool && (*m)->is_contiguous() &&
-                                    (*m)->is_cpu() && (*m)->sizes() == first.sizes().slice(0, 2)),
-                "make_targets: masks must be contiguous bool [B, T] CPU tensors");
+                                    (*m)->is_cpu() && (*m)->dim() == 2 && (*m)->size(0) == rows &&
+                                    (*m)->size(1) == steps),
+                "make_targets: mask and padding_mask must be contiguous bool CPU tensors, "
+                "[B*repeat, T] and [B, T]");
   }
 
-  RowMap map = map_rows(batch, steps, mask, padding_mask);
+  RowMap map = map_rows(batch, steps, mask, padding_mask, repeat);
   at::Tensor out = mask ? at::empty({map.returned, c_size}, first.options().dtype(at::kFloat))
                         : at::empty({batch, steps, c_size}, first.options().dtype(at::kFloat));
   if (map.returned == 0 || c_size == 0) return out;
@@ -438,6 +477,7 @@ at::Tensor make_targets(const std::vector<at::Tensor>& layers, int64_t layer_nor
     run_tiles(views, map, c_size, layer_norm, final_norm == kLayer ? kNoNorm : final_norm, e, y);
     if (final_norm == kLayer) final_layer_norm(map, c_size, e, y);
   }
+  copy_repeats(map, c_size, y);
   return out;
 }
 

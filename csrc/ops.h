@@ -44,7 +44,8 @@ int64_t ema_cache_size();
 // make_targets.cpp; norms: 0 = none, 1 = instance, 2 = layer
 at::Tensor make_targets(const std::vector<at::Tensor>& layers, int64_t layer_norm,
                         int64_t final_norm, const std::optional<at::Tensor>& mask,
-                        const std::optional<at::Tensor>& padding_mask, double eps);
+                        const std::optional<at::Tensor>& padding_mask, double eps,
+                        int64_t repeat = 1);
 
 // regression_loss.cpp
 std::tuple<at::Tensor, at::Tensor> regression_loss_fwd(const at::Tensor& pred,

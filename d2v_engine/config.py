@@ -34,6 +34,41 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    version: Literal[1, 2] = 1
+    """data2vec 1.0 (the student encodes every token, masked ones as a learned mask embedding, and a
+    head predicts the targets) or 2.0 (the student encodes only the visible tokens of `clones` masked
+    copies of each sample, a light conv decoder predicts the targets; `d2v_engine.models.data2vec2`)."""
+    clones: int = 1
+    """2.0: masked copies M of each sample; the teacher encodes the clean sample once and its targets
+    serve all M (fairseq `clone_batch`: 16 images, 8 audio, 8 text). 1.0: must be 1."""
+
+
+@dataclass
+class DecoderConfig:
+    """data2vec 2.0's decoder: conv blocks over the restored sequence, then a projection to the width."""
+
+    layers: int = 4
+    """Conv blocks (Conv -> LayerNorm without affine -> GELU)."""
+    dim: int = 384
+    """Channels of the conv blocks."""
+    kernel: int = 7
+    """Kernel size (images: square kernels on the patch grid)."""
+    groups: int = 16
+    """Groups of each convolution."""
+    residual: bool = True
+    """Add each block's input to its output where the shapes match."""
+    projection_layers: int = 1
+    """Layers of the projection to the model width: 1 = Linear, 2 = Linear -> GELU -> Linear (text)."""
+    projection_ratio: float = 2.0
+    """Hidden width of a 2-layer projection, as a multiple of `dim`."""
+    input_dropout: float = 0.1
+    """Dropout on the student's outputs before they enter the decoder."""
+    mask_noise_std: float = 0.01
+    """Standard deviation of the Gaussian noise that fills the masked slots of the decoder's input."""
+
+
+@dataclass
 class DataConfig:
     path: str = "data/fashion-mnist/train"
     """A folder of WebDataset `.tar` shards (or a brace pattern such as `dir/shard-{000000..000009}.tar`)."""
@@ -73,7 +108,12 @@ class MaskConfig:
     prob: float = 0.6
     """Masked fraction: images (of patches, block-wise), audio (span starts x length), text (tokens)."""
     length: int = 10
-    """Audio: span length in frames."""
+    """Audio: span length in frames; 2.0 images: side of the square blocks (in patches); 2.0 text: 1."""
+    adjust: float = 0.0
+    """2.0 block masks: extra block centres drawn, as a fraction of the steps (fairseq `mask_prob_adjust`),
+    before the count is made exact by adding or removing single steps."""
+    inverse: bool = False
+    """2.0 images: the blocks mark the patches to keep (`1 - prob` of them) instead of those to mask."""
     min_block: int = 16
     """Images: smallest block in patches (BEiT generator)."""
     max_block: int = 0
@@ -105,6 +145,11 @@ class LossConfig:
     """Smooth-L1 beta; 0 = squared error."""
     scale: Literal["one", "inv_sqrt_dim", "inv_dim"] = "one"
     """Factor on the per-row sum over channels: 1, 1/sqrt(C), or 1/C (= mean over C)."""
+    cls_weight: float = 0.0
+    """2.0 images: weight of the CLS-token loss (each copy's CLS output regresses the mean of its
+    sample's targets), on its mean over copies beside the mean over masked rows. fairseq's `cls_loss`
+    weighs the sum over a GPU's copies instead, which makes its effect depend on the per-GPU batch:
+    its 0.01 at 16 images x 16 copies per GPU is cls_weight 2.56 here, whatever the ranks."""
 
 
 @dataclass
@@ -179,11 +224,13 @@ class RunConfig:
 class Config:
     seed: int = 0
     """Seed of every random choice: initialisation, data order, masks, augmentation, dropout."""
+    method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ds: DSConfig = field(default_factory=DSConfig)
@@ -380,6 +427,19 @@ def validate(cfg: Config) -> None:
          "teacher.decay and teacher.end_decay must lie in (0, 1]"),
         (cfg.teacher.anneal_steps >= 0, "teacher.anneal_steps must be 0 (= train.steps) or positive"),
         (cfg.target.top_k > 0, "target.top_k must be positive"),
+        (cfg.method.clones >= 1, "method.clones must be positive"),
+        (cfg.method.version == 2 or cfg.method.clones == 1,
+         "method.clones > 1 needs method.version=2 (data2vec 1.0 encodes one masked copy per sample)"),
+        (cfg.loss.cls_weight >= 0, "loss.cls_weight must be 0 (off) or positive"),
+        (cfg.method.version == 2 or cfg.loss.cls_weight == 0,
+         "loss.cls_weight is a data2vec 2.0 loss; set method.version=2 or loss.cls_weight=0"),
+        (cfg.mask.adjust >= 0, "mask.adjust must be 0 or positive"),
+        (min(cfg.decoder.layers, cfg.decoder.dim, cfg.decoder.kernel, cfg.decoder.groups) > 0,
+         "decoder.layers, decoder.dim, decoder.kernel and decoder.groups must be positive"),
+        (cfg.decoder.dim % cfg.decoder.groups == 0, "decoder.dim must be a multiple of decoder.groups"),
+        (cfg.decoder.projection_layers in (1, 2), "decoder.projection_layers must be 1 or 2"),
+        (0 <= cfg.decoder.input_dropout < 1, "decoder.input_dropout must lie in [0, 1)"),
+        (cfg.decoder.mask_noise_std >= 0, "decoder.mask_noise_std must be 0 or positive"),
         (cfg.loss.beta >= 0, "loss.beta must be 0 (squared error) or positive (smooth L1)"),
         (0 < cfg.mask.prob < 1, "mask.prob must lie in (0, 1)"),
         (cfg.mask.length > 0, "mask.length must be positive"),
@@ -398,8 +458,28 @@ def validate(cfg: Config) -> None:
     if cfg.target.top_k > depth:
         raise UserError(f"target.top_k={cfg.target.top_k} exceeds the {depth} blocks of model "
                         f"'{cfg.model.name}'; use at most {depth}.")
+    if cfg.method.version == 2:
+        _validate_v2(cfg)
+    elif cfg.mask.inverse or cfg.mask.adjust:
+        raise UserError("mask.inverse and mask.adjust shape data2vec 2.0 masks; set method.version=2 "
+                        "or leave them at false and 0.")
     if cfg.teacher.anneal_steps == 0:
         cfg.teacher.anneal_steps = cfg.train.steps
+
+
+def _validate_v2(cfg: Config) -> None:
+    """The 2.0 checks that depend on the model: the decoder's groups divide the width, masks fit."""
+    from d2v_engine.models.registry import get_spec
+
+    spec = get_spec(cfg.model.name)
+    if spec.transformer.dim % cfg.decoder.groups:
+        raise UserError(f"decoder.groups={cfg.decoder.groups} does not divide the width "
+                        f"{spec.transformer.dim} of model '{cfg.model.name}'; choose a divisor.")
+    if cfg.mask.inverse and spec.modality != "image":
+        raise UserError("mask.inverse (keep blocks rather than mask them) is for images; set it to false.")
+    if spec.modality == "image" and spec.rel_pos_bias == "layer":
+        raise UserError(f"model '{cfg.model.name}' has a relative position bias per block, which the 2.0 "
+                        f"student (visible patches only) cannot gather; use a shared bias or none.")
 
 
 def _depth(name: str) -> int:

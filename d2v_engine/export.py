@@ -6,7 +6,8 @@ the run that wrote it:
     format      EXPORT_FORMAT
     model       registry name of the architecture (`model.name`)
     student     the student encoder's fp32 state dict (names without the `encoder.` prefix)
-    head        the student's regression head, fp32
+    head        the student's regression head, fp32 (data2vec 1.0; empty for 2.0)
+    decoder     the student's conv decoder, fp32 (data2vec 2.0; empty for 1.0)
     teacher     the teacher's fp32 EMA weights by parameter name (audio: without the CNN it shares)
     step, tag, world_size, zero_stage, config   where it came from
 
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 from d2v_engine.errors import UserError
 
 EXPORT_FORMAT = "d2v-export-1"
+STUDENT_PARTS = ("head", "decoder")
+"""What an objective adds to the encoder: 1.0's regression head, 2.0's decoder (one or the other)."""
 _META = "d2v.json"   # trainer.CHECKPOINT_META, repeated to keep this module free of the trainer's imports
 
 
@@ -135,11 +138,11 @@ def consolidate(tag_dir: Path) -> dict[str, Any]:
     states = [_load(f) for f in files]
     module = _student_module(tag_dir, meta, states[0])
     split = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
-             for part in ("encoder", "head")}
+             for part in ("encoder",) + STUDENT_PARTS}
     return {"format": EXPORT_FORMAT, "model": meta["model"], "step": meta["step"], "tag": tag_dir.name,
             "world_size": meta["world_size"], "zero_stage": meta["zero_stage"],
-            "config": _run_config(tag_dir.parent.parent), "student": split["encoder"], "head": split["head"],
-            "teacher": gather_teacher(states)}
+            "config": _run_config(tag_dir.parent.parent), "student": split["encoder"],
+            **{part: split[part] for part in STUDENT_PARTS}, "teacher": gather_teacher(states)}
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
@@ -185,20 +188,32 @@ def load_export(path: str | Path, model_name: str) -> dict[str, Any]:
 
 
 def load_student_(model: nn.Module, exported: dict[str, Any], where: str) -> None:
-    """Load an export's student encoder and head into a (not yet partitioned) Data2Vec model.
+    """Load an export's student encoder, and its head or decoder, into a (not yet partitioned) model.
+
+    The encoder must fit exactly. The head (1.0) or decoder (2.0) loads when the export has one for
+    this objective; otherwise it keeps its fresh initialisation, so that a 2.0 run can start from a
+    1.0 export's encoder and teacher (and the other way round).
 
     Raises:
         UserError: the weights do not fit the model (e.g. another text vocabulary).
     """
     state = {f"encoder.{k}": v for k, v in exported["student"].items()}
-    state.update({f"head.{k}": v for k, v in exported["head"].items()})
+    fresh = []
+    for part in STUDENT_PARTS:
+        if not hasattr(model, part):
+            continue
+        if exported.get(part):
+            state.update({f"{part}.{k}": v for k, v in exported[part].items()})
+        else:
+            fresh.append(f"{part}.")
     buffers = {name for name, _ in model.named_buffers()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a shape mismatch
         raise UserError(f"the weights in {where} do not fit the model "
                         f"({str(err).splitlines()[-1].strip()}).") from None
-    missing = [k for k in result.missing_keys if k not in buffers]   # zero_to_fp32 keeps no buffers
+    missing = [k for k in result.missing_keys                         # zero_to_fp32 keeps no buffers
+               if k not in buffers and not k.startswith(tuple(fresh))]
     if missing or result.unexpected_keys:
         raise UserError(f"the weights in {where} do not fit the model (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}).")

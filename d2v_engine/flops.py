@@ -15,6 +15,14 @@ batch shapes as run (padded lengths included):
     training FLOPs per sample = 3 x student forward (forward + backward at twice the forward)
                               + teacher forward (no backward; audio: no CNN, it shares the student's)
 
+data2vec 2.0 (`step_flops_per_sample_v2`), M masked copies per sample, V visible tokens per copy:
+
+    student  front-end once per sample (audio: + the position convolution on each copy's T frames)
+             + M x blocks on V tokens (images: + CLS)
+             + M x decoder on T steps: per conv block 2 T (C_in / groups) k^d C_out (d = 1, images 2),
+               + the projection (2 T C_dec C, text: two layers through the hidden width)
+    teacher  as 1.0: front-end + blocks on all T tokens, once per sample
+
 Norms, softmax, GELU, the target construction, the loss and the optimizer are left out: they are
 memory-bound and a few percent of the total, which is the convention of MFU (PaLM, nanoGPT).
 """
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from d2v_engine.models.registry import ModelSpec
+from d2v_engine.models.spec import ModelSpec
 
 # Dense peak TFLOP/s by device-name fragment (first match wins): (bf16, fp32, tf32), from the
 # vendors' data sheets, without sparsity. Plain fp32 matmuls in PyTorch do not use TF32 unless
@@ -142,3 +150,50 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
     flops = measure_matmul_peak(device, dtype, n=n)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return Peak(flops, f"{kind} torch.mm {n}^3 measured in this run on {name}{threads}")
+
+
+def decoder_flops(decoder, steps: float) -> float:
+    """Forward FLOPs of a `ConvDecoder` over `steps` positions of one copy."""
+    flops = 0.0
+    for block in decoder.blocks:
+        conv = block.conv
+        kernel = 1
+        for k in conv.kernel_size:
+            kernel *= k
+        flops += 2 * steps * (conv.in_channels / conv.groups) * kernel * conv.out_channels
+    for m in decoder.modules():
+        if isinstance(m, torch.nn.Linear):
+            flops += 2 * steps * m.in_features * m.out_features
+    return flops
+
+
+def step_flops_per_sample_v2(spec: ModelSpec, decoder, batch: dict[str, Tensor]) -> float:
+    """Training matmul FLOPs per sample of one data2vec 2.0 batch (module docstring).
+
+    Args:
+        spec: the model spec.
+        decoder: the student's `ConvDecoder`.
+        batch: a collate batch (`mask` [B, M, T]; audio `audio`, text `padding_mask` [B, T]).
+    Returns:
+        FLOPs per sample (all M copies): 3 x student forward + teacher forward.
+    """
+    c = spec.transformer.dim
+    bsz, clones, steps = batch["mask"].shape
+    hidden = batch["mask"]
+    if spec.modality == "text":
+        hidden = hidden | batch["padding_mask"][:, None, :]
+    # The student runs at the longest copy's visible length (shorter copies are padded to it).
+    visible = float((~hidden).sum(-1).max())
+    if spec.modality == "image":
+        patches = (spec.image_size // spec.patch_size) ** 2
+        front = teacher_front = 2 * patches * spec.in_chans * spec.patch_size ** 2 * c
+        tokens, visible = patches + 1, visible + 1
+    elif spec.modality == "audio":
+        cnn, tokens = audio_cnn_flops(spec, batch["audio"].shape[1])
+        teacher_front = spec.pos_conv_depth * 2 * tokens * (c / spec.pos_conv_groups) * spec.pos_conv_kernel * c
+        front = cnn + clones * teacher_front
+    else:
+        tokens = float(steps)
+        front = teacher_front = 0.0
+    student = front + clones * (block_flops(spec, visible) + decoder_flops(decoder, steps))
+    return 3 * student + (teacher_front + block_flops(spec, tokens))

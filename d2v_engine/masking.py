@@ -10,6 +10,15 @@ a draw to one never shifts another's.
 - images: `block_mask`, BEiT's block-wise generator (data2vec 1.0 vision, ~60% of the patches);
 - audio: `span_mask`, fixed-length spans with random starts (fairseq `compute_mask_indices`, 1.0);
 - text: `bert_mask`, BERT's 15% selection with 80/10/10 replacement.
+
+data2vec 2.0 masks M copies ("clones") of every sample, each with an exact masked count, so that
+the student can encode the visible tokens as a dense batch. They return [B, M, T] bool (clone j of
+sample b draws its own numbers: counters j * n .. j * n + n - 1 of the sample's streams, so a
+clone's mask does not depend on M):
+
+- images: `block_mask_2d`, fairseq's `compute_block_mask_2d` (inverse: the blocks are what is kept);
+- audio: `block_mask_1d`, fairseq's `compute_block_mask_1d` (centred spans);
+- text: `random_mask`, MAE's random masking of a fixed fraction of the ordinary tokens.
 """
 
 import math
@@ -33,6 +42,9 @@ _STREAM_BERT_COUNT = 5 << 20
 _STREAM_BERT_PICK = 6 << 20
 _STREAM_BERT_ACTION = 7 << 20
 _STREAM_BERT_TOKEN = 8 << 20
+_STREAM_BLOCK_CENTRE = 9 << 20
+_STREAM_BLOCK_EXACT = 10 << 20
+_STREAM_RANDOM_PICK = 11 << 20
 
 
 def _mul32(x, c: int):
@@ -339,3 +351,145 @@ def bert_mask(index: Tensor, tokens: Tensor, special: Tensor, *, seed: int, epoc
     inputs = torch.where(replace, mask_id, tokens)
     inputs = torch.where(randomise, random_ids, inputs)
     return inputs, selected
+
+
+# ---------------------------------------------------------------------------------- data2vec 2.0
+
+def _clone_bits(seed: int, epoch: int, index: Tensor, clones: int, n: int, stream: int) -> Tensor:
+    """[B * M, n] random words: row b * M + j holds counters j * n .. j * n + n - 1 of sample b."""
+    return counter_bits(seed, epoch, index, clones * n, stream).view(-1, n)
+
+
+def _exact_count(painted: Tensor, valid: Tensor, target: Tensor, bits: Tensor) -> Tensor:
+    """Exactly target[r] steps per row: a random subset of the painted ones, topped up with random
+    unpainted valid steps when there are too few (fairseq's `require_same_masks` adjustment).
+
+    Args:
+        painted: [R, T] bool; valid: [R, T] bool (never chosen outside); target: [R] int64, at most
+        the row's valid count; bits: [R, T] random words.
+    Returns:
+        [R, T] bool with target[r] True entries per row, all valid.
+    """
+    tier = torch.where(painted, 0, 1 << 32) + torch.where(valid, 0, 1 << 34)
+    return _first_k(bits + tier, target)
+
+
+def _paint(centres: Tensor, lengths: Tensor, span: int) -> list[Tensor]:
+    """Steps covered by centred spans of `span` steps, clamped into [0, length): one tensor per offset."""
+    offset = span // 2
+    return [(centres + k - offset).clamp(min=0).minimum(lengths[:, None] - 1) for k in range(span)]
+
+
+def block_mask_1d(index: Tensor, lengths: Tensor, *, seed: int, epoch: int, num_frames: int,
+                  clones: int, prob: float, span: int, adjust: float = 0.0,
+                  inverse: bool = False) -> Tensor:
+    """data2vec 2.0 audio masking (fairseq `compute_block_mask_1d`, overlapping spans).
+
+    A row with L valid frames draws int(L * (p + adjust) / span) centres uniformly (with
+    replacement), masks a span of `span` frames around each (offsets -span//2 .. span - 1 - span//2,
+    clamped into the clip), then removes random masked frames or adds random unmasked ones until
+    exactly int(L * p) are masked. p = prob, or 1 - prob with `inverse` (the spans are then what is
+    kept). Padding is never masked.
+
+    Args:
+        index: [B] int64 global sample indices.
+        lengths: [B] int64 valid frames per sample (the rest of the T = num_frames is padding).
+        seed, epoch: run seed and epoch number.
+        num_frames: T.
+        clones: M masks per sample.
+        prob, span, adjust, inverse: as above (`mask.prob`, `mask.length`, `mask.adjust`, `mask.inverse`).
+    Returns:
+        [B, M, T] bool, True = masked; every row of sample b masks the same number of frames.
+    """
+    lengths = lengths.to(torch.int64).reshape(-1)
+    if lengths.numel() != index.numel() or bool(((lengths < 0) | (lengths > num_frames)).any()):
+        raise ValueError(f"lengths must be {index.numel()} values in [0, {num_frames}]")
+    if span < 1 or not 0 < prob < 1 or clones < 1:
+        raise UserError("mask.length and method.clones must be positive and mask.prob must lie in (0, 1).")
+    batch = index.numel()
+    p = 1.0 - prob if inverse else prob
+    rows = lengths.repeat_interleave(clones)                                   # [R]
+    most = max(1, int(num_frames * (p + adjust) / span))
+    count = torch.floor(rows * (p + adjust) / span).long()                     # fairseq's int(): floor
+    u = counter_uniform(seed, epoch, index, clones * most, _STREAM_BLOCK_CENTRE).view(-1, most)
+    centres = (u.double() * rows[:, None]).long()
+    steps = torch.arange(num_frames, device=index.device)
+    painted = torch.zeros(batch * clones, num_frames + 1, dtype=torch.bool, device=index.device)
+    drawn = torch.arange(most, device=index.device)[None, :] < count[:, None]
+    for at in _paint(centres, rows.clamp(min=1), span):
+        painted.scatter_(1, torch.where(drawn, at, num_frames), True)          # void draws -> column T
+    valid = steps[None, :] < rows[:, None]
+    bits = _clone_bits(seed, epoch, index, clones, num_frames, _STREAM_BLOCK_EXACT)
+    chosen = _exact_count(painted[:, :num_frames] & valid, valid, torch.floor(rows * p).long(), bits)
+    mask = (valid & ~chosen) if inverse else chosen
+    return mask.view(batch, clones, num_frames)
+
+
+def block_mask_2d(index: Tensor, *, seed: int, epoch: int, grid: tuple[int, int], clones: int,
+                  prob: float, length: int, adjust: float = 0.0, inverse: bool = False) -> Tensor:
+    """data2vec 2.0 image masking (fairseq `compute_block_mask_2d`): square blocks, exact counts.
+
+    With L = H * W patches and p = prob (or 1 - prob with `inverse`), a row draws int(L * (p +
+    adjust) / length^2) block centres uniformly (with replacement), paints the length x length block
+    around each (clipped at the borders), then removes random painted patches or adds random unpainted
+    ones until exactly int(L * p) are painted. Without `inverse` the painted patches are masked; with
+    it they are the ones kept, so every row has exactly int(L * (1 - prob)) visible patches
+    (base recipe: prob 0.8, adjust 0.07, length 3 -> 5 blocks, 39 of 196 patches visible).
+
+    Args:
+        index: [B] int64 global sample indices.
+        seed, epoch: run seed and epoch number.
+        grid: (H, W) patches.
+        clones: M masks per sample.
+        prob, length, adjust, inverse: `mask.prob`, `mask.length`, `mask.adjust`, `mask.inverse`.
+    Returns:
+        [B, M, H*W] bool, row-major patches, True = masked.
+    """
+    height, width = grid
+    if length < 1 or not 0 < prob < 1 or clones < 1:
+        raise UserError("mask.length and method.clones must be positive and mask.prob must lie in (0, 1).")
+    num = height * width
+    p = 1.0 - prob if inverse else prob
+    target = int(num * p)
+    if not 0 < target < num:
+        raise UserError(f"mask.prob={prob} leaves no patch {'kept' if inverse else 'masked'} of a "
+                        f"{height}x{width} grid, or no patch at all on the other side; change mask.prob.")
+    batch, rows = index.numel(), index.numel() * clones
+    count = max(1, int(num * (p + adjust) / length ** 2))
+    u = counter_uniform(seed, epoch, index, clones * count, _STREAM_BLOCK_CENTRE).view(rows, count)
+    centre = (u.double() * num).long()
+    top, left = centre // width, centre % width
+    painted = torch.zeros(rows, num, dtype=torch.bool, device=index.device)
+    for r in _paint(top, torch.full((rows,), height, device=index.device), length):
+        for c in _paint(left, torch.full((rows,), width, device=index.device), length):
+            painted.scatter_(1, r * width + c, True)
+    valid = torch.ones_like(painted)
+    bits = _clone_bits(seed, epoch, index, clones, num, _STREAM_BLOCK_EXACT)
+    chosen = _exact_count(painted, valid, torch.full((rows,), target, device=index.device), bits)
+    return (~chosen if inverse else chosen).view(batch, clones, num)
+
+
+def random_mask(index: Tensor, special: Tensor, *, seed: int, epoch: int, clones: int,
+                prob: float) -> Tensor:
+    """data2vec 2.0 text masking (MAE's random masking): of a row's n ordinary tokens, keep a random
+    int(n * (1 - prob)) and mask the rest; special tokens (<s>, </s>, padding) are never masked.
+
+    Args:
+        index: [B] int64 global sample indices.
+        special: [B, T] bool, True = never masked.
+        seed, epoch: run seed and epoch number.
+        clones: M masks per sample.
+        prob: masked fraction (fairseq 0.48).
+    Returns:
+        [B, M, T] bool, True = masked (the student never sees these tokens).
+    """
+    if not 0 < prob < 1 or clones < 1:
+        raise UserError("method.clones must be positive and mask.prob must lie in (0, 1).")
+    batch, steps = special.shape
+    if batch != index.numel():
+        raise ValueError(f"special is {tuple(special.shape)}, expected {index.numel()} rows")
+    special = special.repeat_interleave(clones, dim=0)
+    ordinary = (~special).sum(dim=1)
+    masked = ordinary - torch.floor(ordinary * (1.0 - prob)).long()
+    bits = _clone_bits(seed, epoch, index, clones, steps, _STREAM_RANDOM_PICK)
+    return _first_k(torch.where(special, _BIG_KEY, bits), masked).view(batch, clones, steps)

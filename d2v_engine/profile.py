@@ -8,8 +8,10 @@ module hooks, so the model code stays untouched:
     Data2Vec pre-hook        -> student forward   (views: the student's front-end, e.g. the audio CNN)
     teacher module pre-hook  -> teacher forward
     teacher module post-hook -> targets           (top-K normalisation and averaging)
-    student encoder pre-hook -> student forward   (encoder + head at the masked positions)
+    student encoder pre-hook -> student forward   (1.0: encoder + head at the masked positions)
     head post-hook           -> loss
+    decoder pre-hook         -> decoder           (2.0: the conv decoder over every copy)
+    decoder post-hook        -> loss
     Data2Vec post-hook       -> rest              (engine overhead, host-to-device copies, the loop)
 
 On a GPU every boundary synchronises, so each phase owns the kernels it launched. The phases tile the
@@ -32,9 +34,9 @@ from torch import Tensor
 
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
-from d2v_engine.flops import device_peak, step_flops_per_sample
+from d2v_engine.flops import device_peak
 
-PHASES = ("data wait", "student forward", "teacher forward", "targets", "loss", "backward",
+PHASES = ("data wait", "student forward", "teacher forward", "targets", "decoder", "loss", "backward",
           "optimizer step", "EMA update", "rest")
 
 
@@ -95,11 +97,16 @@ def install_hooks(trainer, clock: PhaseClock) -> list:
     def to(name: str):
         return lambda *args: clock.begin(name)  # returns None: hooks leave inputs and outputs alone
 
+    if hasattr(model, "decoder"):  # 2.0: the decoder's own row, then the loss
+        last = [model.decoder.register_forward_pre_hook(to("decoder")),
+                model.decoder.register_forward_hook(to("loss"))]
+    else:
+        last = [model.head.register_forward_hook(to("loss"))]
     return [model.register_forward_pre_hook(to("student forward")),
             teacher.register_forward_pre_hook(to("teacher forward")),
             teacher.register_forward_hook(to("targets")),
             model.encoder.register_forward_pre_hook(to("student forward")),
-            model.head.register_forward_hook(to("loss")),
+            *last,
             model.register_forward_hook(to("rest"))]
 
 
@@ -250,7 +257,7 @@ def profile_config(cfg: Config, opts: ProfileOptions, out: Path) -> dict[str, An
         trainer.close()
     spec, world = trainer.model.encoder.spec, trainer.world_size
     peak = device_peak(trainer.device, trainer.input_dtype)
-    flops = sum(step_flops_per_sample(spec, b) for b in m.batches) / len(m.batches)
+    flops = sum(trainer.model.step_flops(b) for b in m.batches) / len(m.batches)
     samples_per_s = cfg.train.batch_size * opts.steps / m.seconds
     rows = {name: 1000 * t / opts.steps for name, t in m.totals.items()}
     return {
@@ -261,7 +268,7 @@ def profile_config(cfg: Config, opts: ProfileOptions, out: Path) -> dict[str, An
         "mfu": flops * samples_per_s / (peak.flops * world),
         "peak_mem_bytes": m.memory[0], "peak_mem_kind": m.memory[1],
         "device": device_name(trainer.device), "world_size": world, "model": cfg.model.name,
-        "batch_size": cfg.train.batch_size, "precision": cfg.ds.precision, "backend": cfg.kernels.backend,
+        "batch_size": cfg.train.batch_size, "clones": trainer.model.clones, "precision": cfg.ds.precision, "backend": cfg.kernels.backend,
         "warmup": opts.warmup, "steps": opts.steps, "is_main": trainer.rank == 0,
     }
 

@@ -47,14 +47,17 @@ class EMATeacher:
         backend: kernel backend of the fused ops.
         compute_dtype: dtype of the teacher's forward weights; when it is not fp32 the fp32 EMA
             master weights live beside the module and are written to it in the same pass.
+        copy: encoder parts copied from the student at every update instead of averaged; None =
+            `student.teacher_copy` (the objective says: `Data2Vec.teacher_copy`, `Data2Vec2.teacher_copy`).
     """
 
     def __init__(self, student: nn.Module, teacher: TeacherConfig, target: TargetConfig,
-                 backend: str = "auto", compute_dtype: torch.dtype = torch.float32):
+                 backend: str = "auto", compute_dtype: torch.dtype = torch.float32,
+                 copy: tuple[str, ...] | None = None):
         self.cfg, self.target_cfg, self.backend = teacher, target, backend
         self.module = build_teacher_module(student).to(compute_dtype)
         params = dict(self.module.named_parameters())
-        copied = tuple(f"{p}." for p in student.teacher_copy)
+        copied = tuple(f"{p}." for p in (student.teacher_copy if copy is None else copy))
         self.copy_names = [n for n in params if n.startswith(copied)]
         self.ema_names = [n for n in params if not n.startswith(copied)]
         names = self.ema_names + self.copy_names
@@ -149,15 +152,19 @@ class EMATeacher:
 
     # ---------------------------------------------------------------- targets
     @torch.no_grad()
-    def targets(self, x: Tensor, *, mask: Tensor, padding_mask: Tensor | None) -> Tensor:
+    def targets(self, x: Tensor, *, mask: Tensor, padding_mask: Tensor | None, repeat: int = 1,
+                token_mean: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Regression targets at the masked positions, from the teacher's view of the clean input.
 
         Args:
             x: the teacher's input view (pixels [B, 3, H, W], audio features [B, T, C], token ids [B, T]).
-            mask: [B, T] bool, True = masked (loss) positions.
+            mask: [B * repeat, T] bool, True = masked (loss) positions; with repeat M, rows b * M + j
+                are the M masked copies of sample b (data2vec 2.0), which share this one teacher pass.
             padding_mask: [B, T] bool, True = padding, or None.
+            repeat: masked copies per sample.
+            token_mean: also return each sample's mean target over its valid steps (2.0's CLS target).
         Returns:
-            [M, C] fp32 targets, rows in row-major order of `mask`.
+            [N, C] fp32 targets, rows in row-major order of `mask` (and [B, C] fp32 means).
         """
         cfg = self.target_cfg
         # Streaming (DESIGN §3): each top-K block output is normalised and added to one fp32
@@ -165,7 +172,7 @@ class EMATeacher:
         acc = TargetAccumulator(cfg.top_k, layer_norm=cfg.layer_norm, final_norm=cfg.final_norm,
                                 padding_mask=padding_mask, backend=self.backend)
         out = self.module(x, padding_mask=padding_mask, top_k=cfg.top_k, on_layer=acc)
-        return acc.finish(mask, padding_mask=out.padding_mask)
+        return acc.finish(mask, padding_mask=out.padding_mask, repeat=repeat, token_mean=token_mean)
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Tensor]:

@@ -29,6 +29,8 @@ from d2v_engine.data import BatchStream, build_loader
 from d2v_engine.errors import UserError
 from d2v_engine.metrics import MetricsLogger, git_record, plot_run
 from d2v_engine.models.data2vec import Data2Vec, masked_std, std_across_samples
+from d2v_engine.models.data2vec2 import Data2Vec2
+from d2v_engine.models.objective import build_objective
 from d2v_engine.models.registry import build_encoder, get_spec, with_model_config, with_overrides
 from d2v_engine.teacher import EMATeacher
 
@@ -88,7 +90,7 @@ class Trainer:
     cfg: Config
     # components
     engine: Any                  # the student's DeepSpeed engine
-    model: Data2Vec              # engine.module
+    model: Data2Vec | Data2Vec2  # engine.module: the objective of method.version
     teacher: EMATeacher
     teacher_engine: Any | None   # ZeRO-3 only: partitions the teacher, gathers it for its forward
     data: BatchStream
@@ -127,14 +129,15 @@ class Trainer:
         encoder = build_encoder(spec).to(self.device)
         # activation checkpointing: the student's blocks recompute their activations in backward
         encoder.grad_checkpointing = cfg.train.activation_checkpointing
-        model = Data2Vec(encoder, cfg.loss, backend=cfg.kernels.backend)
+        # the objective of method.version: 1.0 (encoder + head) or 2.0 (visible tokens + decoder)
+        model = build_objective(cfg, encoder)
         init = self._load_init_from(model) if cfg.run.init_from else None
 
         # teacher: a copy of the unwrapped student, made before DeepSpeed partitions it
         bf16 = cfg.ds.precision == "bf16"
         self.input_dtype = torch.bfloat16 if bf16 else torch.float32
         self.teacher = EMATeacher(encoder, cfg.teacher, cfg.target, backend=cfg.kernels.backend,
-                                  compute_dtype=self.input_dtype)
+                                  compute_dtype=self.input_dtype, copy=model.teacher_copy)
         if init is not None:
             self.teacher.load_state_dict(init["teacher"])
 
@@ -159,7 +162,7 @@ class Trainer:
     def _build_data(self, spec, position):
         return build_loader(self.cfg, spec, rank=self.rank, world_size=self.world_size, position=position)
 
-    def _load_init_from(self, model: Data2Vec) -> dict[str, Any]:
+    def _load_init_from(self, model: Data2Vec | Data2Vec2) -> dict[str, Any]:
         """Student weights from a `d2v export` file (before any partitioning); returns the file's contents."""
         from d2v_engine.export import load_export, load_student_
 
@@ -267,6 +270,7 @@ class Trainer:
             "step_ms": 1000 * window.seconds / window.steps,
             "data_ms": 1000 * window.data_seconds / window.steps,
             "bad_samples": int(total[5]),   # running count over the run, all ranks
+            "clones": self.model.clones,    # masked copies per sample (samples_per_s counts samples)
         }
         return metrics, int(total[4]), int(total[5])
 

@@ -6,7 +6,9 @@ For K layers x_k [B, T, C] (any float dtype, any strides), in fp32:
                    the biased var taken over the valid (non-padding) steps t of (b, c)
     layer norm     n(x)[b, t, c] = (x[b, t, c] - mu[b, t]) / sqrt(var[b, t] + eps), over c
     y = final_norm( (sum_k layer_norm(x_k)) / K ),   y[padded (b, t)] = 0
-    output: y[mask] as [M, C] (rows in row-major (b, t) order), or y as [B, T, C] when mask is None
+    output: y[mask] as [M, C] (rows in row-major (b, t) order), or y as [B, T, C] when mask is None;
+            with repeat R (data2vec 2.0's masked clones), mask is [B*R, T] and its row (r, t) is
+            y[r // R, t]
 
 Statistics are shifted (by the first valid element of the row or column: the subtraction of two
 close floats is exact, so a large common offset such as 1e4 + noise keeps its precision) and, over
@@ -16,7 +18,10 @@ Memory traffic: each layer is read at most twice - the instance-norm statistics 
 once (`_make_targets_stats_kernel`), the row kernel (`_make_targets_fwd_kernel`) reads only the
 output rows once - and only the output rows are written. A final instance norm needs the statistics
 of the average, so then the average is written to an fp32 scratch [B, T, C] first and normalised
-from there (the layers are still read at most twice).
+from there (the layers are still read at most twice). With repeat R the row table maps each output
+row to its source row, which is computed again for each clone that masks it: the clones of a
+sample are adjacent output rows, so the programs in flight share one sample's K rows of [T, C]
+(3 MiB at image base), and the re-reads come from L2, not from memory.
 
 Layout: Triton kernels -> launchers (layers as a device table of addresses and strides) ->
 `torch.library.custom_op` registration with a fake whose row count is a dynamic size (so that
@@ -271,10 +276,20 @@ def _same_dtype(layers: Sequence[Tensor]) -> list[Tensor]:
     return [x.float() for x in layers]
 
 
-def row_table(mask: Tensor | None) -> Tensor | None:
-    """[M] int64 indices of the masked rows in the flattened [B*T] grid, or None for all rows."""
+def row_table(mask: Tensor | None, repeat: int = 1) -> Tensor | None:
+    """[M] int64 source rows, in the flattened [B*T] grid, of the rows `mask` [B*repeat, T] selects
+    (row r of the mask is a copy of sample r // repeat), or None for all rows.
+
+    The fwd kernel reads each output row through this table, so a source row that several copies
+    select is simply read again: nothing of size [B*repeat, T, C] exists.
+    """
     # nonzero() is a device sync: the number of masked rows decides the output's size.
-    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+    if mask is None:
+        return None
+    if repeat == 1:
+        return mask.reshape(-1).nonzero().squeeze(1)
+    copy, step = mask.nonzero(as_tuple=True)
+    return (copy // repeat) * mask.shape[1] + step
 
 
 def finish_targets(kernels: TargetKernels, layers: Sequence[Tensor], *, layer_norm: str,
@@ -318,25 +333,26 @@ def finish_targets(kernels: TargetKernels, layers: Sequence[Tensor], *, layer_no
 
 
 def _make_targets_impl(layers: Sequence[Tensor], layer_norm: str, final_norm: str,
-                       mask: Tensor | None, padding_mask: Tensor | None, eps: float) -> Tensor:
+                       mask: Tensor | None, padding_mask: Tensor | None, eps: float,
+                       repeat: int = 1) -> Tensor:
     layers = _same_dtype(layers)
     batch, steps, channels = layers[0].shape
     kernels = TargetKernels((batch, steps, channels), padding_mask, eps)
     stats = kernels.stats(layers) if layer_norm == "instance" else None
     out = finish_targets(kernels, layers, layer_norm=layer_norm, final_norm=final_norm,
-                         rows=row_table(mask), divisor=float(len(layers)), stats=stats)
+                         rows=row_table(mask, repeat), divisor=float(len(layers)), stats=stats)
     return out.view(batch, steps, channels) if mask is None else out
 
 
 # ---------------------------------------------------------------------------------- registration
 @torch.library.custom_op("d2v_triton::make_targets", mutates_args=())
 def _make_targets_op(layers: list[Tensor], layer_norm: str, final_norm: str, mask: Tensor | None,
-                     padding_mask: Tensor | None, eps: float) -> Tensor:
-    return _make_targets_impl(layers, layer_norm, final_norm, mask, padding_mask, eps)
+                     padding_mask: Tensor | None, eps: float, repeat: int) -> Tensor:
+    return _make_targets_impl(layers, layer_norm, final_norm, mask, padding_mask, eps, repeat)
 
 
 @_make_targets_op.register_fake
-def _(layers, layer_norm, final_norm, mask, padding_mask, eps):
+def _(layers, layer_norm, final_norm, mask, padding_mask, eps, repeat):
     batch, steps, channels = layers[0].shape
     if mask is None:
         return layers[0].new_empty((batch, steps, channels), dtype=torch.float32)
@@ -347,16 +363,18 @@ def _(layers, layer_norm, final_norm, mask, padding_mask, eps):
 
 def make_targets(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str = "none",
                  mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                 eps: float = 1e-5) -> Tensor:
+                 eps: float = 1e-5, repeat: int = 1) -> Tensor:
     """Average of the parameter-free normalised top-K teacher outputs, in fp32.
 
     Args:
         layers: K >= 1 tensors [B, T, C], any float dtype, any strides.
         layer_norm: "instance" (per (b, c) over the valid steps) | "layer" (per (b, t)) | "none".
         final_norm: the same choices, applied to the average.
-        mask: [B, T] bool, True = masked: return only those rows.
+        mask: [B * repeat, T] bool, True = masked: return only those rows (row r: a copy of
+            sample r // repeat).
         padding_mask: [B, T] bool, True = padding, left out of the instance-norm statistics.
         eps: added to the variance.
+        repeat: masked copies per sample (`row_table`).
 
     Returns:
         [M, C] fp32 rows at the masked positions in row-major order, or [B, T, C] fp32 when mask
@@ -364,5 +382,5 @@ def make_targets(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str =
     """
     if torch.compiler.is_compiling():
         return torch.ops.d2v_triton.make_targets(list(layers), layer_norm, final_norm, mask,
-                                                 padding_mask, float(eps))
-    return _make_targets_impl(layers, layer_norm, final_norm, mask, padding_mask, eps)
+                                                 padding_mask, float(eps), int(repeat))
+    return _make_targets_impl(layers, layer_norm, final_norm, mask, padding_mask, eps, repeat)

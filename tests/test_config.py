@@ -28,6 +28,14 @@ def test_expected_configs_shipped():
     names = {p.stem for p in CONFIGS}
     assert {"default", "debug_image", "debug_audio", "debug_text", "base_image", "base_audio",
             "base_text"} <= names
+    assert {f"{kind}_{m}_v2" for kind in ("debug", "base") for m in ("image", "audio", "text")} | {"default_v2"} <= names
+
+
+def test_v2_configs_say_version_2_and_v1_configs_version_1():
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert cfg.method.version == (2 if path.stem.endswith("_v2") else 1), path.name
+        assert (cfg.method.clones > 1) == (cfg.method.version == 2), path.name
 
 
 def test_precedence_override_beats_yaml_beats_default(tmp_path):
@@ -59,6 +67,11 @@ def test_dump_round_trips(tmp_path):
     ("train.batch_size=30", "multiple of train.grad_accum"),
     ("mask.prob=1.5", "mask.prob"),
     ("nonsense", "section.key=value"),
+    ("method.version=3", "one of 1, 2"),
+    ("method.clones=4", "needs method.version=2"),
+    ("loss.cls_weight=0.01", "data2vec 2.0 loss"),
+    ("mask.inverse=true", "shape data2vec 2.0 masks"),
+    ("decoder.projection_layers=3", "decoder.projection_layers"),
 ])
 def test_bad_values_give_one_sentence(override, fragment):
     overrides = [override] + (["train.grad_accum=4"] if "batch_size" in override else [])
@@ -67,6 +80,20 @@ def test_bad_values_give_one_sentence(override, fragment):
     message = str(err.value)
     assert fragment in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.name=image_small_v2", "decoder.dim=128", "decoder.groups=128"], "does not divide the width"),
+    (["model.name=audio_debug_v2", "mask.inverse=true"], "for images"),
+    (["model.name=image_base", "data.path=x"], None),                       # a shared bias is gathered: fine
+])
+def test_v2_checks_against_the_model(overrides, fragment):
+    path = next(p for p in CONFIGS if p.stem == "debug_image_v2")
+    if fragment is None:
+        assert load_config(path, overrides).method.version == 2
+        return
+    with pytest.raises(UserError, match=fragment):
+        load_config(path, overrides)
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -198,6 +198,10 @@ def test_base_parity_both_directions(modality, tmp_path):
 @pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
 def test_spec_config_round_trip(name):
     spec = get_spec(name)
+    if name.endswith("_v2"):   # data2vec 2.0 architectures: Hugging Face has none (transformers#23069)
+        with pytest.raises(UserError, match="transformers#23069"):
+            hf.hf_config_from_spec(spec)
+        return
     if spec.modality == "audio" and spec.pos_conv_padding != "zeros":   # audio_debug: HF pads with zeros
         with pytest.raises(UserError, match="model.pos_conv_padding=zeros"):
             hf.hf_config_from_spec(spec)

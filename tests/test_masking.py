@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from d2v_engine.errors import UserError
-from d2v_engine.masking import bert_mask, block_mask, counter_uniform, span_mask
+from d2v_engine.masking import (bert_mask, block_mask, block_mask_1d, block_mask_2d, counter_uniform,
+                               random_mask, span_mask)
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +228,88 @@ def test_bert_mask_is_independent_of_batch_composition_and_padding_width():
     assert torch.equal(wide_in[:, :40], inputs[3:6])
     _, other_epoch = bert_mask(index, tokens, special, **kwargs | dict(epoch=1))
     assert not torch.equal(other_epoch, selected)
+
+
+# data2vec 2.0 masks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid, prob, length, adjust, inverse, visible", [
+    ((14, 14), 0.8, 3, 0.07, True, 39),     # the base recipe: 39 of 196 patches kept
+    ((14, 14), 0.75, 3, 0.1, True, 49),     # the large recipe
+    ((7, 7), 0.8, 2, 0.07, True, 9),        # default_v2 on Fashion-MNIST
+    ((8, 12), 0.6, 3, 0.0, False, 39),      # non-square, blocks masked
+])
+def test_block_mask_2d_hits_its_exact_visible_count(grid, prob, length, adjust, inverse, visible):
+    mask = block_mask_2d(_fresh_indices(256), seed=3, epoch=1, grid=grid, clones=5, prob=prob,
+                         length=length, adjust=adjust, inverse=inverse)
+    assert mask.shape == (256, 5, grid[0] * grid[1]) and mask.dtype == torch.bool
+    assert torch.equal((~mask).sum(-1), torch.full((256, 5), visible))
+    # Clones of one image differ, and every patch is visible somewhere (no position is special).
+    assert (mask[:, 0] != mask[:, 1]).any(-1).float().mean() > 0.9
+    freq = (~mask).float().mean((0, 1))
+    assert float(freq.min()) > 0.25 * visible / mask.shape[-1]
+
+
+def test_block_mask_2d_inverse_keeps_blocks():
+    """Inverse masking keeps square blocks: visible patches cluster (more than random kept sets)."""
+    mask = block_mask_2d(_fresh_indices(512), seed=0, epoch=0, grid=(14, 14), clones=2, prob=0.8,
+                         length=3, adjust=0.07, inverse=True)
+    shuffled = mask[..., torch.randperm(196)]
+    assert _boundary_fraction(mask.flatten(0, 1), (14, 14)) < 0.6 * _boundary_fraction(
+        shuffled.flatten(0, 1), (14, 14))
+
+
+def test_block_mask_1d_exact_counts_spans_and_padding():
+    index = _fresh_indices(300)
+    lengths = torch.randint(1, 120, (300,))
+    mask = block_mask_1d(index, lengths, seed=1, epoch=0, num_frames=120, clones=3, prob=0.5, span=5,
+                         adjust=0.05)
+    assert mask.shape == (300, 3, 120)
+    assert torch.equal(mask.sum(-1), (lengths * 0.5).floor().long()[:, None].expand(-1, 3))
+    steps = torch.arange(120)
+    assert not (mask & (steps >= lengths[:, None, None])).any()    # never in the padding
+    long_rows = mask[lengths > 60].flatten(0, 1)
+    runs = [n for row in long_rows[:100] for _, n in _runs(row)]
+    assert sum(runs) / len(runs) > 3.0                              # spans, not single frames
+
+
+def test_random_mask_counts_and_specials():
+    tokens = 40
+    special = torch.zeros(64, tokens, dtype=torch.bool)
+    lengths = torch.randint(3, tokens + 1, (64,))
+    special |= torch.arange(tokens)[None] >= lengths[:, None] - 1   # </s> and padding
+    special[:, 0] = True                                             # <s>
+    mask = random_mask(_fresh_indices(64), special, seed=2, epoch=0, clones=4, prob=0.48)
+    ordinary = (~special).sum(-1)
+    assert torch.equal(mask.sum(-1), (ordinary - (ordinary * 0.52).floor().long())[:, None].expand(-1, 4))
+    assert not (mask & special[:, None]).any()
+
+
+@pytest.mark.parametrize("draw", ["2d", "1d", "random"])
+def test_v2_masks_are_pure_functions_of_sample_and_clone(draw):
+    """A clone's mask depends on (seed, epoch, sample, clone) only: not on M, the batch or its order."""
+    index = _fresh_indices(24)
+
+    def masks(idx: torch.Tensor, clones: int, seed: int = 4, epoch: int = 2) -> torch.Tensor:
+        if draw == "2d":
+            return block_mask_2d(idx, seed=seed, epoch=epoch, grid=(14, 14), clones=clones, prob=0.8,
+                                 length=3, adjust=0.07, inverse=True)
+        if draw == "1d":
+            return block_mask_1d(idx, torch.full((len(idx),), 90), seed=seed, epoch=epoch, num_frames=90,
+                                 clones=clones, prob=0.5, span=5, adjust=0.05)
+        return random_mask(idx, torch.zeros(len(idx), 50, dtype=torch.bool), seed=seed, epoch=epoch,
+                           clones=clones, prob=0.48)
+
+    full = masks(index, 8)
+    perm = torch.randperm(24)
+    assert torch.equal(masks(index[perm], 8), full[perm])
+    assert torch.equal(masks(index, 3), full[:, :3])
+    assert not torch.equal(masks(index, 8, epoch=3), full)
+    assert not torch.equal(masks(index, 8, seed=5), full)
+
+
+def test_v2_masks_refuse_impossible_requests():
+    with pytest.raises(UserError, match="mask.prob"):
+        block_mask_2d(torch.arange(2), seed=0, epoch=0, grid=(2, 2), clones=1, prob=0.9, length=2,
+                      inverse=True)
+    with pytest.raises(UserError):
+        random_mask(torch.arange(2), torch.zeros(2, 5, dtype=torch.bool), seed=0, epoch=0, clones=0, prob=0.5)

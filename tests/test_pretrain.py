@@ -38,10 +38,11 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
+@pytest.mark.parametrize("version", ["", "_v2"], ids=["1.0", "2.0"])
 @pytest.mark.parametrize("modality", ["image", "audio", "text"])
-def test_debug_config_trains(modality, data_root, tmp_path):
+def test_debug_config_trains(modality, version, data_root, tmp_path):
     run = tmp_path / "run"
-    proc = pretrain(f"debug_{modality}.yaml", f"data.path={data_root / SETS[modality] / 'train'}",
+    proc = pretrain(f"debug_{modality}{version}.yaml", f"data.path={data_root / SETS[modality] / 'train'}",
                     f"run.dir={run}", "train.steps=40", "train.log_every=5", "train.warmup_steps=5")
     assert_ok(proc)
     records = metrics(run)
@@ -50,6 +51,8 @@ def test_debug_config_trains(modality, data_root, tmp_path):
     last = sum(r["loss"] for r in records[-2:]) / 2
     assert last < 0.9 * first, [r["loss"] for r in records]
     assert records[-1]["target_var"] > 0.1          # the targets did not collapse
+    assert records[-1]["target_sample_var"] > 0.1   # ... not even onto their positions
+    assert records[-1]["clones"] == (4 if version else 1)
     assert all(r["grad_norm"] == r["grad_norm"] for r in records)   # measured, not NaN
     assert "step 40/40 | loss" in proc.stdout       # the fixed-format metrics line
     for name in ("config.yaml", "ds_config.json", "git.txt", "plots/training.png", "checkpoints/latest"):
@@ -57,12 +60,14 @@ def test_debug_config_trains(modality, data_root, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_resume_continues_the_same_loss_curve(data_root, tmp_path):
-    """Steps 7-12 after resuming from the step-6 checkpoint match the uninterrupted run's."""
+@pytest.mark.parametrize("config", ["debug_image.yaml", "debug_image_v2.yaml"])
+def test_resume_continues_the_same_loss_curve(config, data_root, tmp_path):
+    """Steps 7-12 after resuming from the step-6 checkpoint match the uninterrupted run's (2.0: the
+    masks of every copy and the decoder's noise included)."""
     full = tmp_path / "full"
     common = [f"data.path={data_root / 'fashion-mnist' / 'train'}", "train.steps=12", "train.log_every=1",
               "train.save_every=6", "train.keep_checkpoints=3", "train.warmup_steps=2"]
-    assert_ok(pretrain("debug_image.yaml", *common, f"run.dir={full}"))
+    assert_ok(pretrain(config, *common, f"run.dir={full}"))
 
     # A run that stopped after its step-6 checkpoint: the same directory without the later state.
     cut = tmp_path / "cut"
@@ -71,7 +76,7 @@ def test_resume_continues_the_same_loss_curve(data_root, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step00000006")
     (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in
                                                (full / "metrics.jsonl").read_text().splitlines()[:6]))
-    proc = pretrain("debug_image.yaml", *common, f"run.dir={cut}", "run.resume=true")
+    proc = pretrain(config, *common, f"run.dir={cut}", "run.resume=true")
     assert_ok(proc)
     assert "resumed from" in proc.stdout + proc.stderr
     expected = {r["step"]: r for r in metrics(full)}

@@ -17,6 +17,7 @@ from d2v_engine.config import load_config
 from d2v_engine.data.prepare import PrepareOptions, prepare
 from d2v_engine.flops import step_flops_per_sample
 from d2v_engine.models.data2vec import Data2Vec
+from d2v_engine.models.data2vec2 import Data2Vec2
 from d2v_engine.models.registry import build_encoder, get_spec
 from d2v_engine.profile import PHASES, PhaseClock
 from d2v_engine.teacher import EMATeacher
@@ -26,20 +27,37 @@ KEYS = {"rows", "step_ms", "samples_per_s", "flops_per_sample", "mfu", "peak_mem
 
 
 @pytest.fixture(scope="module")
-def profiled(tmp_path_factory) -> Path:
-    """One `d2v profile --compare` of debug_image on a few hundred prepared images."""
+def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("profile")
     prepare("fashion-mnist", root / "data", PrepareOptions(limit=256, shard_size=128))
-    out = root / "out"
+    return root / "data" / "fashion-mnist" / "train"
+
+
+def run_profile(config: str, images: Path, out: Path, *args: str) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}   # the suite shares 2 cores: no spin-waiting threads
     proc = subprocess.run(
-        [sys.executable, "-m", "d2v_engine.cli", "profile", "--config", "configs/debug_image.yaml",
-         f"data.path={root / 'data' / 'fashion-mnist' / 'train'}", "--warmup", "2", "--steps", "4",
-         "--trace-steps", "1", "--compare", "kernels.backend=reference,auto", "--out", str(out)],
+        [sys.executable, "-m", "d2v_engine.cli", "profile", "--config", f"configs/{config}",
+         f"data.path={images}", "--warmup", "2", "--steps", "4", "--out", str(out), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (out / "stdout.txt").write_text(proc.stdout)
     return out
+
+
+@pytest.fixture(scope="module")
+def profiled(images, tmp_path_factory) -> Path:
+    """One `d2v profile --compare` of debug_image on a few hundred prepared images."""
+    return run_profile("debug_image.yaml", images, tmp_path_factory.mktemp("out"), "--trace-steps", "1",
+                       "--compare", "kernels.backend=reference,auto")
+
+
+def test_v2_profile_has_a_decoder_row(images, tmp_path):
+    out = run_profile("debug_image_v2.yaml", images, tmp_path / "out", "--trace-steps", "0")
+    result = json.loads((out / "profile.json").read_text())
+    assert list(result["rows"]) == list(PHASES) and result["clones"] == 4
+    assert result["rows"]["decoder"] > 0 and result["rows"]["student forward"] > 0
+    assert abs(sum(result["rows"].values()) - result["step_ms"]) <= 0.05 * result["step_ms"]
+    assert 0 < result["mfu"] < 1
 
 
 @pytest.mark.parametrize("setting", ["reference", "auto"])
@@ -90,6 +108,30 @@ def test_flop_count_agrees_with_torch_flop_counter(model):
         loss, _ = student(batch, teacher)
         loss.backward()
     ours = step_flops_per_sample(spec, batch)
+    assert abs(ours - counter.get_total_flops() / 4) <= 0.1 * ours
+
+
+@pytest.mark.parametrize("model", ["image_debug_v2", "text_debug"])
+def test_v2_flop_count_agrees_with_torch_flop_counter(model):
+    """2.0's count (visible tokens x M copies, the decoder, one teacher pass) against torch's counter.
+
+    (Ungrouped decoder convolutions: torch's counter ignores the groups of a convolution's backward.)"""
+    spec = get_spec(model)
+    cfg = load_config(None, [f"model.name={model}", "target.top_k=2", "method.version=2", "method.clones=3",
+                             "decoder.dim=32", "decoder.layers=2", "decoder.groups=1"])
+    encoder = build_encoder(spec)
+    student = Data2Vec2(encoder, cfg.decoder, cfg.loss, 3, backend="reference")
+    teacher = EMATeacher(encoder, cfg.teacher, cfg.target, backend="reference", copy=student.teacher_copy)
+    if spec.modality == "image":
+        batch = {"images": torch.randn(4, 3, 28, 28), "mask": torch.rand(4, 3, 49) < 0.8}
+    else:
+        tokens = torch.randint(5, 300, (4, 40))
+        batch = {"tokens": tokens, "clean": tokens, "padding_mask": torch.zeros(4, 40, dtype=torch.bool),
+                 "mask": torch.rand(4, 3, 40) < 0.48}
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = student(batch, teacher)
+        loss.backward()
+    ours = student.step_flops(batch)
     assert abs(ours - counter.get_total_flops() / 4) <= 0.1 * ours
 
 

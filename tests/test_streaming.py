@@ -33,11 +33,37 @@ def _padding(batch: int, steps: int, kind: str, device="cpu") -> torch.Tensor | 
     return padding.to(device)
 
 
-def _stream(layers, backend="reference", mask=None, **kw) -> torch.Tensor:
+def _stream(layers, backend="reference", mask=None, repeat=1, token_mean=False, **kw):
     acc = TargetAccumulator(len(layers), backend=backend, **kw)
     for i, layer in enumerate(layers):
         acc(i, layer)
-    return acc.finish(mask)
+    return acc.finish(mask, repeat=repeat, token_mean=token_mean)
+
+
+def _token_mean_ref(layers, **kw) -> torch.Tensor:
+    """[B, C]: each sample's final targets averaged over its valid steps (0 for none)."""
+    full = make_targets_ref(layers, **kw)
+    padding = kw.get("padding_mask")
+    valid = torch.ones(full.shape[:2], dtype=torch.bool) if padding is None else ~padding.cpu()
+    return torch.stack([full[b][valid[b]].mean(dim=0) if valid[b].any() else full[b, 0] * 0
+                        for b in range(full.shape[0])])
+
+
+def _check_clones(layers, backend, repeat, padding, **kw):
+    """finish(mask [B*repeat, T], repeat, token_mean) against make_targets_ref and the mean."""
+    batch, steps = layers[0].shape[:2]
+    mask = torch.rand(batch * repeat, steps, device=layers[0].device) < 0.8
+    mask[-1] = False  # a clone without masked steps
+    kw = dict(kw, padding_mask=padding)
+    expected = make_targets_ref(layers, mask=mask, repeat=repeat, **kw)
+    assert_close(_stream(layers, backend, mask=mask, repeat=repeat, **kw), expected, **TOL)
+    rows, mean = _stream(layers, backend, mask=mask, repeat=repeat, token_mean=True, **kw)
+    assert mean.dtype == torch.float32 and mean.shape == (batch, layers[0].shape[2])
+    assert_close(rows, expected, **TOL)
+    assert_close(mean, _token_mean_ref(layers, **kw), **TOL)
+    full, mean = _stream(layers, backend, token_mean=True, **kw)  # no mask: [B, T, C] and mean
+    assert_close(full, make_targets_ref(layers, **kw), **TOL)
+    assert_close(mean, _token_mean_ref(layers, **kw), **TOL)
 
 
 # equality with make_targets ---------------------------------------------------------------------
@@ -52,6 +78,17 @@ def test_reference_backend_equals_make_targets(layer_norm, final_norm, padding_k
     mask = torch.rand(3, 9) < 0.5
     assert_close(_stream(layers, mask=mask, **kw), make_targets_ref(layers, mask=mask, **kw), **TOL)
     assert_close(_stream(layers, **kw), make_targets_ref(layers, **kw), **TOL)
+
+
+@pytest.mark.parametrize("layer_norm,final_norm", [("instance", "layer"), ("layer", "instance"),
+                                                   ("none", "none"), ("instance", "instance")])
+@pytest.mark.parametrize("padding_kind", ["none", "anywhere"])
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_reference_backend_clones_and_token_mean(layer_norm, final_norm, padding_kind, repeat):
+    """data2vec 2.0: the rows of every masked clone, and the mean target of each sample."""
+    layers = [torch.randn(3, 9, 33) * 3 + 1 for _ in range(3)]
+    _check_clones(layers, "reference", repeat, _padding(3, 9, padding_kind),
+                  layer_norm=layer_norm, final_norm=final_norm)
 
 
 def test_low_precision_and_strided_layers():
@@ -83,6 +120,14 @@ def test_triton_backend_equals_make_targets(triton_device, layer_norm, final_nor
     assert_close(got, make_targets_ref(layers, mask=mask, **kw), **TOL)
 
 
+@pytest.mark.parametrize("layer_norm,final_norm", [("instance", "layer"), ("layer", "instance")])
+def test_triton_backend_clones_and_token_mean(triton_device, layer_norm, final_norm):
+    shape = (16, 196, 768) if ON_GPU else (3, 7, 33)
+    layers = [torch.randn(shape, device=triton_device).bfloat16() for _ in range(3)]
+    _check_clones(layers, "triton", 4, _padding(*shape[:2], "suffix", triton_device),
+                  layer_norm=layer_norm, final_norm=final_norm)
+
+
 # errors -------------------------------------------------------------------------------------------
 
 def test_misuse_is_refused():
@@ -98,6 +143,12 @@ def test_misuse_is_refused():
         acc(2, layer)
     with pytest.raises(ValueError):
         TargetAccumulator(0, layer_norm="layer")
+    clones = TargetAccumulator(1, layer_norm="layer")
+    clones(0, layer)
+    with pytest.raises(ValueError):
+        clones.finish(repeat=2)  # clones need a mask
+    with pytest.raises(ValueError):
+        clones.finish(torch.ones(2, 3, dtype=torch.bool), repeat=2)  # [B, T], not [B*2, T]
     with pytest.raises(ValueError):
         TargetAccumulator(1, layer_norm="batch")(0, layer)
     late = TargetAccumulator(1, layer_norm="instance")

@@ -5,16 +5,20 @@ batch is assembled: `decode_many(raws, index, epoch=)` returns each sample or th
 rejected it, `collate(samples, index, labels, epoch=)` returns the batch dict of the interfaces
 file, and `finish(...)` turns the tensors the `dali` reader's pipelines produce into that dict.
 Masks come from `d2v_engine.masking` with the run seed, the epoch and the global sample indices, so
-they never depend on batch order, worker count, rank or reader. Image and text masks of a sample
+they never depend on batch order, worker count, rank or reader. Each builder picks its masking once,
+from `method.version`: data2vec 1.0 masks are [B, T], data2vec 2.0 masks [B, M, T] (M =
+`method.clones` copies per sample, each with an exact masked count). Image and text masks of a sample
 depend on nothing else, so `decode_many` draws them (in the DataLoader workers); audio masks look
 across the batch (equal counts per row) and are drawn in `collate`.
 """
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
 import torch
 
 from d2v_engine import masking
-import numpy as np
 
 from d2v_engine.data.checks import image_header
 from d2v_engine.data.shards import EXTENSIONS
@@ -43,9 +47,14 @@ class ImageBatcher:
                                         tuple(cfg.data.mean), tuple(cfg.data.std))
         side = size // spec.patch_size
         self.grid = (side, side)
-        self.num_masked = max(1, round(cfg.mask.prob * side * side))
-        self.block = dict(min_block=cfg.mask.min_block, max_block=cfg.mask.max_block,
-                          min_aspect=cfg.mask.min_aspect)
+        m = cfg.mask
+        if cfg.method.version == 2:
+            self._mask = partial(masking.block_mask_2d, grid=self.grid, clones=cfg.method.clones,
+                                 prob=m.prob, length=m.length, adjust=m.adjust, inverse=m.inverse)
+        else:
+            self._mask = partial(masking.block_mask, grid=self.grid,
+                                 num_masked=max(1, round(m.prob * side * side)), min_block=m.min_block,
+                                 max_block=m.max_block, min_aspect=m.min_aspect)
 
     def check(self, raw: dict[str, bytes]) -> tuple[str, int, int]:
         """(format, width, height) of the sample's image; ValueError when it is bad (`checks`)."""
@@ -56,7 +65,8 @@ class ImageBatcher:
         their block masks (a function of the sample index alone, so a worker can draw them).
 
         Returns:
-            Per sample (float32 [3, H, W] image, bool [N] mask), or the exception that rejected it.
+            Per sample (float32 [3, H, W] image, bool [N] or [M, N] mask), or the exception that
+            rejected it.
         """
         out: list = [None] * len(raws)
         sizes = []
@@ -81,13 +91,13 @@ class ImageBatcher:
         return out
 
     def masks(self, index: torch.Tensor, *, epoch: int) -> torch.Tensor:
-        """Block masks, bool [B, N] (N = grid patches, True = masked), of the samples `index` [B]."""
-        return masking.block_mask(index, seed=self.seed, epoch=epoch, grid=self.grid,
-                                  num_masked=self.num_masked, **self.block)
+        """Block masks of the samples `index` [B]: bool [B, N] (1.0) or [B, M, N] (2.0), N = grid
+        patches, True = masked."""
+        return self._mask(index, seed=self.seed, epoch=epoch)
 
     def collate(self, samples: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor,
                 labels: torch.Tensor, *, epoch: int) -> dict[str, torch.Tensor]:
-        """Stack the (image [3, H, W], mask [N]) pairs of `decode_many` into the batch dict."""
+        """Stack the (image [3, H, W], mask [N] | [M, N]) pairs of `decode_many` into the batch dict."""
         images, masks = zip(*samples)
         return {"images": torch.stack(images), "mask": torch.stack(masks), "index": index, "labels": labels}
 
@@ -99,7 +109,7 @@ class ImageBatcher:
             images: [B, 3, H, W] float32, normalised (on any device).
             index: [B] int64 global sample indices; labels: [B] int64 (-1 = none).
         Returns:
-            {"images": [B, 3, H, W] float32, "mask": [B, N] bool, "index", "labels"}.
+            {"images": [B, 3, H, W] float32, "mask": [B, N] | [B, M, N] bool, "index", "labels"}.
         """
         return {"images": images, "mask": self.masks(index, epoch=epoch), "index": index, "labels": labels}
 
@@ -120,7 +130,12 @@ class AudioBatcher:
         self.sample_rate = cfg.data.sample_rate
         self.max_samples = cfg.data.max_sample_size
         self.pad = cfg.data.audio_batching == "pad"
-        self.prob, self.span = cfg.mask.prob, cfg.mask.length
+        m = cfg.mask
+        if cfg.method.version == 2:
+            self._mask = partial(masking.block_mask_1d, clones=cfg.method.clones, prob=m.prob, span=m.length,
+                                 adjust=m.adjust, inverse=m.inverse)
+        else:
+            self._mask = partial(masking.span_mask, prob=m.prob, span=m.length)
 
     def frames(self, num_samples):
         """CNN output frames of `num_samples` (int or int64 tensor [B])."""
@@ -196,14 +211,14 @@ class AudioBatcher:
             lengths: [B] int64 valid samples per row (CPU).
             index: [B] int64 global sample indices; labels: [B] int64 (-1 = none).
         Returns:
-            {"audio": [B, S], "padding_mask": [B, S] bool, "mask": [B, T] bool, "index", "labels"}.
+            {"audio": [B, S], "padding_mask": [B, S] bool, "mask": [B, T] | [B, M, T] bool, "index",
+            "labels"}.
         """
         size = audio.shape[1]
         padding_mask = torch.arange(size, device=audio.device)[None, :] >= lengths.to(audio.device)[:, None]
         num_frames = int(self.frames(size))
         frame_lengths = torch.as_tensor(self.frames(lengths), dtype=torch.int64).clamp(max=num_frames)
-        mask = masking.span_mask(index, frame_lengths, seed=self.seed, epoch=epoch,
-                                 num_frames=num_frames, prob=self.prob, span=self.span)
+        mask = self._mask(index, frame_lengths, seed=self.seed, epoch=epoch, num_frames=num_frames)
         return {"audio": audio, "padding_mask": padding_mask, "mask": mask, "index": index,
                 "labels": labels}
 
@@ -226,9 +241,14 @@ class TextBatcher:
             raise UserError(f"data.max_tokens={cfg.data.max_tokens} leaves no room for text between "
                             f"<s> and </s>; use at least 3.")
         self.encoder = TextEncoder(tokenizer, max_tokens)
-        self.bert = dict(mask_id=self.encoder.mask_id, random_range=self.encoder.random_range,
-                         prob=cfg.mask.prob, replace_prob=cfg.mask.replace_prob,
-                         random_prob=cfg.mask.random_prob)
+        m = cfg.mask
+        if cfg.method.version == 2:
+            # 2.0 removes the masked tokens from the student's input: it reads the clean ids.
+            self._mask = partial(_clean_and_random_mask, clones=cfg.method.clones, prob=m.prob)
+        else:
+            self._mask = partial(masking.bert_mask, mask_id=self.encoder.mask_id,
+                                 random_range=self.encoder.random_range, prob=m.prob,
+                                 replace_prob=m.replace_prob, random_prob=m.random_prob)
 
     def decode(self, raw: dict[str, bytes], *, epoch: int, index: int) -> list[int]:
         """Raw sample -> token ids `[<s>, ..., </s>]` (UTF-8 errors and empty texts raise)."""
@@ -238,8 +258,8 @@ class TextBatcher:
         """Tokenize, then BERT-mask the texts together (a row's mask does not depend on the others).
 
         Returns:
-            Per sample (clean ids, student ids, selected) int64/int64/bool [T_b], or the exception
-            that rejected it.
+            Per sample (clean ids, student ids, selected) int64/int64/bool [T_b] (2.0: selected
+            [M, T_b]), or the exception that rejected it.
         """
         out = _decode_each(self, raws, index, epoch)
         good = [k for k, ids in enumerate(out) if not isinstance(ids, Exception)]
@@ -248,7 +268,7 @@ class TextBatcher:
                                      epoch=epoch)
             lengths = (~batch["padding_mask"]).sum(1).tolist()
             for row, (k, n) in enumerate(zip(good, lengths)):
-                out[k] = (batch["clean"][row, :n], batch["tokens"][row, :n], batch["mask"][row, :n])
+                out[k] = (batch["clean"][row, :n], batch["tokens"][row, :n], batch["mask"][row, ..., :n])
         return out
 
     def collate(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], index: torch.Tensor,
@@ -258,9 +278,9 @@ class TextBatcher:
         pad = self.encoder.pad
         clean = torch.full((len(samples), size), pad, dtype=torch.int64)
         tokens = torch.full((len(samples), size), pad, dtype=torch.int64)
-        mask = torch.zeros(len(samples), size, dtype=torch.bool)
+        mask = torch.zeros(len(samples), *samples[0][2].shape[:-1], size, dtype=torch.bool)
         for row, (c, t, m) in enumerate(samples):
-            clean[row, : len(c)], tokens[row, : len(t)], mask[row, : len(m)] = c, t, m
+            clean[row, : len(c)], tokens[row, : len(t)], mask[row, ..., : m.shape[-1]] = c, t, m
         lengths = torch.tensor([len(c) for c, _, _ in samples])
         padding_mask = torch.arange(size)[None, :] >= lengths[:, None]
         return {"tokens": tokens, "clean": clean, "padding_mask": padding_mask, "mask": mask,
@@ -275,7 +295,7 @@ class TextBatcher:
             index: [B] int64 global sample indices.
         Returns:
             {"tokens": [B, T] int64 (masked), "clean": [B, T] int64, "padding_mask": [B, T] bool,
-             "mask": [B, T] bool (selected positions)}.
+             "mask": [B, T] bool (selected positions; 2.0: [B, M, T] masked positions)}.
         """
         enc = self.encoder
         size = max(len(ids) for ids in samples)
@@ -288,8 +308,14 @@ class TextBatcher:
         padding_mask = positions >= lengths[:, None]
         special = padding_mask | (positions == 0) | (positions == lengths[:, None] - 1)
         special |= (clean == enc.bos) | (clean == enc.eos) | (clean == enc.pad) | (clean == enc.mask_id)
-        tokens, mask = masking.bert_mask(index, clean, special, seed=self.seed, epoch=epoch, **self.bert)
+        tokens, mask = self._mask(index, clean, special, seed=self.seed, epoch=epoch)
         return {"tokens": tokens, "clean": clean, "padding_mask": padding_mask, "mask": mask}
+
+
+def _clean_and_random_mask(index: torch.Tensor, tokens: torch.Tensor, special: torch.Tensor, *, seed: int,
+                           epoch: int, clones: int, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """2.0 text: the student's ids are the clean ids; the masks say which of them it never sees."""
+    return tokens, masking.random_mask(index, special, seed=seed, epoch=epoch, clones=clones, prob=prob)
 
 
 def _decode_each(batcher, raws: list[dict[str, bytes]], index: list[int], epoch: int) -> list:

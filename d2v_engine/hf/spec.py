@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from d2v_engine.errors import UserError
-from d2v_engine.models.registry import ModelSpec, TransformerSpec
+from d2v_engine.models.spec import ModelSpec, TransformerSpec
 
 MODEL_TYPES = {"data2vec-vision": "image", "data2vec-audio": "audio", "data2vec-text": "text"}
 """Hugging Face `model_type` -> our modality."""
@@ -190,6 +190,10 @@ def hf_config_from_spec(spec: ModelSpec):
     transformers = require_transformers()
     t = spec.transformer
     image = spec.modality == "image"
+    _require(spec.pos_embed == "none" and not spec.embed_norm and not spec.alibi,
+             "the Hugging Face Data2Vec models have no data2vec 2.0 parts (sin-cos image positions, a norm "
+             "before the first block, ALiBi attention biases): transformers has no data2vec 2.0 models "
+             "(transformers#23069).")
     _require(t.pre_ln == image and t.key_bias != image,
              f"a {spec.modality} model with pre_ln={t.pre_ln} and key_bias={t.key_bias} has no Hugging Face "
              f"Data2Vec counterpart.")

@@ -4,17 +4,24 @@ Local features (shared by student and teacher, computed once in `views`): a 1-D 
 each layer Conv1d -> LayerNorm over channels -> GELU, then LayerNorm + Linear to the model width.
 Encoder (`forward`): mask embedding, a multi-layer convolutional position embedding, LayerNorm,
 post-LN Transformer blocks, no final LayerNorm.
+
+data2vec 2.0 (fairseq `modalities/audio.py`): given `visible`, each clone row's masked frames are
+zeroed (no mask embedding), the position convolution runs over the whole clone, and only the visible
+frames go on to the LayerNorm and the blocks. `spec.alibi` adds ALiBi attention biases (`AlibiBias`),
+which relate the visible frames by their original positions.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v_engine.models.encoder import EncoderOutput, LayerCallback, TransformerEncoder, Views, init_linear_
-from d2v_engine.models.registry import ModelSpec
+from d2v_engine.models.encoder import (EncoderOutput, LayerCallback, TransformerEncoder, Views, Visible,
+                                       gather_visible, init_linear_)
+from d2v_engine.models.spec import ModelSpec
 
 Length = TypeVar("Length", int, Tensor)
 
@@ -124,6 +131,38 @@ class PosConvEmbed(nn.Module):
         return x.transpose(1, 2)
 
 
+def alibi_slopes(heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al.): a geometric sequence from 2^(-8/n); for a head count
+    that is not a power of two, the power-of-two sequence below it plus every other slope of the one
+    above (fairseq's and the paper's recipe). Returns [heads] float32."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    if math.log2(heads).is_integer():
+        return torch.tensor(power_of_two(heads))
+    below = 2 ** math.floor(math.log2(heads))
+    return torch.tensor(power_of_two(below) + alibi_slopes(2 * below).tolist()[0::2][: heads - below])
+
+
+class AlibiBias(nn.Module):
+    """ALiBi attention bias with a learned, non-negative scale per head (data2vec 2.0 audio).
+
+    bias[r, h, i, j] = -slope_h * max(scale_h, 0) * |pos_i - pos_j|, shared by every block.
+    """
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
+        self.scale = nn.Parameter(torch.ones(heads))
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """positions: [R or 1, T] int64 steps -> [R or 1, H, T, T] float32 additive bias."""
+        distance = (positions[:, :, None] - positions[:, None, :]).abs().float()
+        slope = self.slopes * self.scale.float().clamp(min=0)
+        return -slope[None, :, None, None] * distance[:, None]
+
+
 class AudioEncoder(nn.Module):
     """data2vec audio 1.0 encoder.
 
@@ -136,6 +175,8 @@ class AudioEncoder(nn.Module):
     modality = "audio"
     teacher_exclude: tuple[str, ...] = ("feature_extractor", "feature_projection", "masked_spec_embed")
     teacher_copy: tuple[str, ...] = ("pos_conv_embed",)
+    teacher_copy_v2: tuple[str, ...] = ()
+    """data2vec 2.0 averages the position convolution like the blocks (it shares only the CNN)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -152,6 +193,7 @@ class AudioEncoder(nn.Module):
         self.pos_conv_embed = PosConvEmbed(spec)
         self.layer_norm = nn.LayerNorm(t.dim, eps=t.norm_eps)
         self.dropout = nn.Dropout(t.dropout)
+        self.alibi = AlibiBias(t.heads) if spec.alibi else None
         self.encoder = TransformerEncoder(t)
         self.init_weights()
 
@@ -170,6 +212,9 @@ class AudioEncoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
         nn.init.uniform_(self.masked_spec_embed)
+        if self.alibi is not None:
+            nn.init.ones_(self.alibi.scale)
+            self.alibi.slopes.copy_(alibi_slopes(self.spec.transformer.heads))
 
     def local_features(self, audio: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """CNN features projected to the model width, and which frames are padding.
@@ -200,7 +245,8 @@ class AudioEncoder(nn.Module):
         return Views(feats, feats.detach(), frame_pad, batch["mask"])
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                top_k: int = 0, on_layer: LayerCallback | None = None) -> EncoderOutput:
+                top_k: int = 0, on_layer: LayerCallback | None = None,
+                visible: Visible | None = None) -> EncoderOutput:
         """Encode local features.
 
         Args:
@@ -209,19 +255,28 @@ class AudioEncoder(nn.Module):
             padding_mask: [B, T] bool, True = padding frame, or None.
             top_k: number of final blocks whose target outputs are returned.
             on_layer: streaming alternative to `layer_results` (see `TransformerEncoder.forward`).
+            visible: 2.0 student: encode each clone row's visible frames only (`mask` unused).
         Returns:
-            EncoderOutput: x [B, T, C] (last block output), layer_results top_k x [B, T, C],
-            padding_mask as given, cls None.
+            EncoderOutput: x [B, T, C] (last block output; [R, V, C] with `visible`), layer_results
+            top_k x [B, T, C], padding_mask as given (with `visible`: of the visible slots), cls None.
         """
         # A teacher kept in bf16 receives the student's fp32 features: compute in the weights' dtype.
         h = self.dropout_input(x.to(self.layer_norm.weight.dtype))
-        if mask is not None:
+        if visible is not None:
+            # 2.0: every clone row runs the position convolution over its own copy, masked frames zeroed.
+            h = h[visible.rows].masked_fill(visible.mask.unsqueeze(-1), 0.0)
+            padding_mask = None if padding_mask is None else padding_mask[visible.rows]
+        elif mask is not None:
             h = torch.where(mask.unsqueeze(-1), self.masked_spec_embed.to(h.dtype), h)
         if padding_mask is not None:
             # Zero padded frames so the position convolution sees silence there, whatever the CNN made.
             h = h.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         h = h + self.pos_conv_embed(h)
+        positions = torch.arange(h.shape[1], device=h.device)[None]
+        if visible is not None:
+            h, positions, padding_mask = gather_visible(h, visible, per_copy=True), visible.keep, visible.padding
         h = self.dropout(self.layer_norm(h))
-        h, layers = self.encoder(h, padding_mask=padding_mask, top_k=top_k,
+        bias = self.alibi(positions) if self.alibi is not None else None
+        h, layers = self.encoder(h, attn_bias=bias, padding_mask=padding_mask, top_k=top_k,
                                  grad_checkpointing=self.grad_checkpointing, on_layer=on_layer)
         return EncoderOutput(x=h, layer_results=layers, padding_mask=padding_mask)

@@ -44,6 +44,10 @@ class Data2Vec(nn.Module):
         backend: kernel backend of the fused ops.
     """
 
+    version = 1
+    clones = 1
+    """One masked copy per sample (data2vec 2.0 has several: `Data2Vec2.clones`)."""
+
     def __init__(self, encoder: nn.Module, loss: LossConfig, backend: str = "auto"):
         super().__init__()
         self.encoder = encoder
@@ -51,6 +55,17 @@ class Data2Vec(nn.Module):
         self.beta = loss.beta
         self.scale = loss_scale(loss.scale, encoder.dim)
         self.backend = backend
+
+    @property
+    def teacher_copy(self) -> tuple[str, ...]:
+        """Encoder parts the teacher copies from the student instead of averaging (1.0's sharing)."""
+        return self.encoder.teacher_copy
+
+    def step_flops(self, batch: dict[str, Tensor]) -> float:
+        """Training matmul FLOPs per sample of one batch (`flops.step_flops_per_sample`)."""
+        from d2v_engine.flops import step_flops_per_sample
+
+        return step_flops_per_sample(self.encoder.spec, batch)
 
     def predict(self, views: Views, mask: Tensor) -> Tensor:
         """Student predictions at the masked positions.

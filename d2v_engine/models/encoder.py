@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from d2v_engine.models.registry import TransformerSpec
+from d2v_engine.models.spec import TransformerSpec
 
 LayerCallback = Callable[[int, Tensor], None]
 """`on_layer(i, out)`: receives block i's target output [B, T, C] as soon as the block finishes."""
@@ -40,6 +40,54 @@ class Views:
     """[B, T] bool, True = padding (audio: frame level), or None."""
     embed_mask: Tensor | None
     """[B, T] bool, True = replace the embedding by the learned mask embedding (student only), or None."""
+
+
+@dataclass
+class Visible:
+    """Which tokens the data2vec 2.0 student encodes: clone row r is a masked copy of sample rows[r],
+    and the student sees only its steps keep[r] (see `visible_index`)."""
+
+    rows: Tensor
+    """[R] int64: the sample (batch row) each clone row copies; R = B * M, rows = arange(R) // M."""
+    keep: Tensor
+    """[R, V] int64: the visible steps of each clone row, ascending (slots past its count: any step)."""
+    padding: Tensor | None
+    """[R, V] bool, True = a slot past the row's visible count (attention ignores it), or None."""
+    mask: Tensor
+    """[R, T] bool, True = masked: the steps the student never sees."""
+
+
+def visible_index(mask: Tensor, padding_mask: Tensor | None, clones: int) -> Visible:
+    """The visible steps of every clone row, as gather indices.
+
+    Args:
+        mask: [R, T] bool, True = masked (R = B * clones, clones of a sample adjacent).
+        padding_mask: [R, T] bool, True = padding, or None.
+        clones: M, masked copies per sample.
+    Returns:
+        `Visible`; `padding` is None when every row has the same number of visible steps (images,
+        and audio cropped to the shortest clip), the common case.
+    """
+    hidden = mask if padding_mask is None else mask | padding_mask
+    counts = (~hidden).sum(dim=1)
+    width = int(counts.max())  # a sync point: the visible length decides the student's shapes
+    # A stable sort of the hidden flags puts the visible steps first, in their order.
+    keep = hidden.to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+    padding = torch.arange(width, device=mask.device)[None, :] >= counts[:, None]
+    rows = torch.arange(mask.shape[0], device=mask.device) // clones
+    return Visible(rows, keep, padding if bool(padding.any()) else None, mask)
+
+
+def gather_visible(h: Tensor, visible: Visible, per_copy: bool = False) -> Tensor:
+    """The visible tokens of every copy, [R, V, C].
+
+    Args:
+        h: [B, T, C] tokens computed once per sample and shared by its copies, or with `per_copy`
+            [R, T, C] tokens computed for each copy (audio: the position convolution of a copy).
+        visible: the copies' visible steps.
+    """
+    rows = torch.arange(h.shape[0], device=h.device) if per_copy else visible.rows
+    return h[rows[:, None], visible.keep]
 
 
 @dataclass

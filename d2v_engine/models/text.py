@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from d2v_engine.models.encoder import EncoderOutput, LayerCallback, TransformerEncoder, Views, init_linear_
-from d2v_engine.models.registry import ModelSpec
+from d2v_engine.models.encoder import (EncoderOutput, LayerCallback, TransformerEncoder, Views, Visible,
+                                       gather_visible, init_linear_)
+from d2v_engine.models.spec import ModelSpec
 
 
 def roberta_positions(valid: Tensor, pad_idx: int) -> Tensor:
@@ -64,6 +65,8 @@ class TextEncoder(nn.Module):
     modality = "text"
     teacher_exclude: tuple[str, ...] = ()
     teacher_copy: tuple[str, ...] = ("embeddings",)
+    teacher_copy_v2: tuple[str, ...] = ("embeddings",)
+    """data2vec 2.0 text averages the blocks only (`ema_encoder_only`): the embeddings are shared."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -99,7 +102,8 @@ class TextEncoder(nn.Module):
         return Views(batch["tokens"], batch["clean"], batch["padding_mask"], None)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                top_k: int = 0, on_layer: LayerCallback | None = None) -> EncoderOutput:
+                top_k: int = 0, on_layer: LayerCallback | None = None,
+                visible: Visible | None = None) -> EncoderOutput:
         """Encode token ids.
 
         Args:
@@ -109,9 +113,12 @@ class TextEncoder(nn.Module):
                 `<pad>` tokens); None = derived from `spec.pad_idx`.
             top_k: number of final blocks whose target outputs are returned.
             on_layer: streaming alternative to `layer_results` (see `TransformerEncoder.forward`).
+            visible: 2.0 student: embed the clean ids once, then encode each clone row's visible
+                tokens only (at their original positions: the embedding adds them before the gather).
         Returns:
-            EncoderOutput: x [B, T, C] (last block output), layer_results top_k x [B, T, C],
-            padding_mask as given (or derived), cls None.
+            EncoderOutput: x [B, T, C] (last block output; [R, V, C] with `visible`), layer_results
+            top_k x [B, T, C], padding_mask as given (or derived; with `visible`: of the visible
+            slots), cls None.
         """
         pads = x.eq(self.spec.pad_idx)
         if padding_mask is None:
@@ -119,6 +126,8 @@ class TextEncoder(nn.Module):
         # Positions count non-<pad> tokens (fairseq's make_positions, Hugging Face's RoBERTa), whatever
         # the attention mask: the same thing in every batch the collate builds.
         h = self.embeddings(x, ~pads)
+        if visible is not None:
+            h, padding_mask = gather_visible(h, visible), visible.padding
         h, layers = self.encoder(h, padding_mask=padding_mask, top_k=top_k,
                                  grad_checkpointing=self.grad_checkpointing, on_layer=on_layer)
         return EncoderOutput(x=h, layer_results=layers, padding_mask=padding_mask)

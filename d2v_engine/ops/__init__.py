@@ -106,27 +106,31 @@ def ema_update_(ema: list[Tensor], student: list[Tensor], decay: float,
 
 def make_targets(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str = "none",
                  mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                 eps: float = 1e-5, backend: str = "auto") -> Tensor:
+                 eps: float = 1e-5, backend: str = "auto", repeat: int = 1) -> Tensor:
     """Regression targets: the average of the normalised top-K teacher outputs, in fp32.
 
     Args:
         layers: K >= 1 tensors [B, T, C], any float dtype.
         layer_norm: "instance" (per (b, c) over valid T) | "layer" (per (b, t) over C) | "none".
         final_norm: the same choices, applied to the average.
-        mask: [B, T] bool, True = masked: return only those rows.
+        mask: [B*repeat, T] bool, True = masked: return only those rows; rows b*repeat + j
+            (j < repeat) mask the clones of sample b (repeat_interleave order).
         padding_mask: [B, T] bool, True = padding, left out of the instance-norm statistics.
         eps: added to the variance inside the square root.
         backend: "auto" | "reference" | "triton" | "cpp".
+        repeat: M >= 1 masked clones per teacher sample (data2vec 2.0); each sample's targets
+            are computed once and serve all its clones. M > 1 needs a mask.
 
     Returns:
-        [M, C] fp32 rows at the masked positions in row-major order, or [B, T, C] fp32 when mask
-        is None (padded rows are 0).
+        [M_rows, C] fp32 rows at the masked positions in row-major order of the [B*repeat, T]
+        mask (row (r, t) is the target of sample r // repeat at step t), or [B, T, C] fp32 when
+        mask is None (padded rows are 0).
     """
     if not layers:
         raise ValueError("make_targets needs at least one layer (K >= 1)")
     impl = _backend_for(backend, layers[0].device).make_targets
     return impl(layers, layer_norm=layer_norm, final_norm=final_norm, mask=mask,
-                padding_mask=padding_mask, eps=eps)
+                padding_mask=padding_mask, eps=eps, repeat=repeat)
 
 
 def regression_loss(pred: Tensor, target: Tensor, *, beta: float, scale: float = 1.0,

@@ -88,12 +88,13 @@ def _ema_native(i: int, ema: list[Tensor], student: list[Tensor],
 
 @torch.library.custom_op("d2v_cpp::make_targets", mutates_args=())
 def _make_targets_op(layers: list[Tensor], layer_norm: int, final_norm: int,
-                     mask: Tensor | None, padding_mask: Tensor | None, eps: float) -> Tensor:
-    return _C.make_targets(layers, layer_norm, final_norm, mask, padding_mask, eps)
+                     mask: Tensor | None, padding_mask: Tensor | None, eps: float,
+                     repeat: int) -> Tensor:
+    return _C.make_targets(layers, layer_norm, final_norm, mask, padding_mask, eps, repeat)
 
 
 @_make_targets_op.register_fake
-def _(layers, layer_norm, final_norm, mask, padding_mask, eps):
+def _(layers, layer_norm, final_norm, mask, padding_mask, eps, repeat):
     batch, steps, channels = layers[0].shape
     if mask is None:
         return layers[0].new_empty((batch, steps, channels), dtype=torch.float32)
@@ -103,7 +104,7 @@ def _(layers, layer_norm, final_norm, mask, padding_mask, eps):
 
 def make_targets(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str = "none",
                  mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                 eps: float = 1e-5) -> Tensor:
+                 eps: float = 1e-5, repeat: int = 1) -> Tensor:
     """Average of the parameter-free normalised top-K teacher outputs, in fp32 (not differentiable).
 
     Args:
@@ -112,21 +113,24 @@ def make_targets(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str =
         layer_norm: "instance" (per (b, c) over the valid steps of T) | "layer" (per (b, t) over
             C) | "none".
         final_norm: the same choices, applied to the average.
-        mask: [B, T] bool, True = masked: return only those rows.
+        mask: [B * repeat, T] bool, True = masked: return only those rows.
         padding_mask: [B, T] bool, True = padding, left out of the instance-norm statistics.
         eps: added to the variance.
+        repeat: masked copies per sample: a source row that several copies select is computed
+            once and copied to their output rows.
 
     Returns:
-        [M, C] fp32 (rows in row-major (b, t) order) when mask is given, else [B, T, C] fp32.
+        [M, C] fp32 (rows in row-major (r, t) order) when mask is given, else [B, T, C] fp32.
         Padded rows are 0.
     """
-    check_targets_args(layers, layer_norm, final_norm, mask, padding_mask)
+    check_targets_args(layers, layer_norm, final_norm, mask, padding_mask, repeat)
     _require_cpu("make_targets", layers[0])
     native = [_native_layer(x) for x in layers]
     mask = None if mask is None else mask.contiguous()
     padding_mask = None if padding_mask is None else padding_mask.contiguous()
     return _traced(_make_targets_op, _C.make_targets)(
-        native, _NORM_CODES[layer_norm], _NORM_CODES[final_norm], mask, padding_mask, float(eps))
+        native, _NORM_CODES[layer_norm], _NORM_CODES[final_norm], mask, padding_mask, float(eps),
+        int(repeat))
 
 
 def _native_layer(x: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ def check_ema_args(ema: list[Tensor], student: list[Tensor], decay: float,
 
 
 def check_targets_args(layers: Sequence[Tensor], layer_norm: str, final_norm: str,
-                       mask: Tensor | None, padding_mask: Tensor | None) -> None:
+                       mask: Tensor | None, padding_mask: Tensor | None, repeat: int = 1) -> None:
     """Raises ValueError/TypeError unless `make_targets`' arguments match its contract."""
     if len(layers) < 1:
         raise ValueError("make_targets needs at least one layer (K >= 1)")
@@ -58,10 +58,18 @@ def check_targets_args(layers: Sequence[Tensor], layer_norm: str, final_norm: st
                              f"layers[0] is {tuple(first.shape)} on {first.device}")
         if not layer.is_floating_point():
             raise TypeError(f"layers[{k}] must be a float tensor, got {layer.dtype}")
-    for name, m in (("mask", mask), ("padding_mask", padding_mask)):
-        if m is not None and (m.dtype != torch.bool or m.shape != first.shape[:2]):
-            raise ValueError(f"{name} must be bool {tuple(first.shape[:2])}, "
-                             f"got {m.dtype} {tuple(m.shape)}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int):
+        raise TypeError(f"repeat must be an int, got {type(repeat).__name__}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1 (masked copies per sample), got {repeat}")
+    if repeat > 1 and mask is None:
+        raise ValueError(f"repeat={repeat} needs a mask [B*repeat, T]: without one every clone's "
+                         f"targets are the sample's")
+    batch, steps = first.shape[:2]
+    for name, m, shape in (("mask", mask, (batch * repeat, steps)),
+                           ("padding_mask", padding_mask, (batch, steps))):
+        if m is not None and (m.dtype != torch.bool or m.shape != shape):
+            raise ValueError(f"{name} must be bool {shape}, got {m.dtype} {tuple(m.shape)}")
 
 
 def check_loss_args(pred: Tensor, target: Tensor, beta: float, reduction: str) -> None:
@@ -98,7 +106,7 @@ def ema_update_ref(ema: list[Tensor], student: list[Tensor], decay: float,
 
 def make_targets_ref(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str = "none",
                      mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                     eps: float = 1e-5) -> Tensor:
+                     eps: float = 1e-5, repeat: int = 1) -> Tensor:
     """Average of the parameter-free normalised top-K teacher outputs, in fp32.
 
     Args:
@@ -106,15 +114,18 @@ def make_targets_ref(layers: Sequence[Tensor], *, layer_norm: str, final_norm: s
         layer_norm: per-layer norm: "instance" (per (b, c) over the valid steps of T), "layer"
             (per (b, t) over C) or "none"; biased variance, eps inside the square root, no affine.
         final_norm: the same choices, applied to the average.
-        mask: [B, T] bool, True = masked: return only those rows.
+        mask: [B*repeat, T] bool, True = masked: return only those rows. Rows b*repeat + j
+            (j < repeat) are the masks of the clones of sample b (repeat_interleave order).
         padding_mask: [B, T] bool, True = padding: left out of the instance-norm statistics.
         eps: added to the variance.
+        repeat: M >= 1 masked clones per sample (data2vec 2.0); M > 1 needs a mask.
 
     Returns:
-        [M, C] fp32 (M = mask.sum(), rows in row-major (b, t) order) when mask is given, else
+        [M_rows, C] fp32 (M_rows = mask.sum(), rows in row-major (r, t) order of the mask, row
+        (r, t) being the target of sample r // repeat at step t) when mask is given, else
         [B, T, C] fp32. Padded rows are 0.
     """
-    check_targets_args(layers, layer_norm, final_norm, mask, padding_mask)
+    check_targets_args(layers, layer_norm, final_norm, mask, padding_mask, repeat)
     valid = None if padding_mask is None else ~padding_mask
     total = _normalise(layers[0].float(), layer_norm, valid, eps)
     for layer in layers[1:]:
@@ -122,7 +133,22 @@ def make_targets_ref(layers: Sequence[Tensor], *, layer_norm: str, final_norm: s
     target = _normalise(total / len(layers), final_norm, valid, eps)
     if padding_mask is not None:
         target = target.masked_fill(padding_mask[..., None], 0.0)
-    return target if mask is None else target[mask]
+    return target if mask is None else gather_rows(target, mask, repeat)
+
+
+def gather_rows(targets: Tensor, mask: Tensor, repeat: int = 1) -> Tensor:
+    """The rows of the clones' masks, gathered from the samples' targets (never repeated first).
+
+    Args:
+        targets: [B, T, C], the targets of each sample.
+        mask: [B*repeat, T] bool; row r masks a clone of sample r // repeat.
+        repeat: clones per sample.
+
+    Returns:
+        [mask.sum(), C]: targets[r // repeat, t] for each True (r, t), in row-major order.
+    """
+    clone, step = mask.nonzero(as_tuple=True)  # row-major, as targets[mask] when repeat is 1
+    return targets[clone // repeat, step]
 
 
 def _normalise(x: Tensor, norm: str, valid: Tensor | None, eps: float) -> Tensor:

@@ -3,12 +3,14 @@
 The per-layer normalisation of `make_targets` depends on one layer only, so the sum of the
 normalised top-K outputs can be accumulated as each block finishes: the teacher then holds one
 fp32 [B, T, C] running sum instead of K block outputs, whatever K is. `finish()` applies the rest
-(divide by K, final norm, zero the padding, select the masked rows) and gives the same result as
-`make_targets` on the list of K outputs.
+(divide by K, final norm, zero the padding, select the masked rows, for every masked copy of a
+sample with `repeat`) and gives the same result as `make_targets` on the list of K outputs.
 
     acc = TargetAccumulator(k, layer_norm="instance", padding_mask=padding_mask)
     out = encoder(x, padding_mask=padding_mask, top_k=k, on_layer=acc)   # acc(i, block_output)
     targets = acc.finish(mask)                                          # [M, C] fp32
+    # or, data2vec 2.0 (m masked clones per sample, mask [B*m, T]): rows [M, C], cls [B, C]
+    rows, cls = acc.finish(mask, repeat=m, token_mean=True)
 
 Backends: "triton" runs the `kernels/make_targets.py` kernels (each layer read twice for an
 instance norm, once otherwise; the running sum read and written once per layer); the others use
@@ -112,31 +114,49 @@ class TargetAccumulator:
                      accumulate=self.added > 0, zero_padding=False)
 
     # ------------------------------------------------------------------------------ result
-    def finish(self, mask: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
-        """The targets: as `make_targets(layers, ..., mask=mask)` on the K added layers.
+    def finish(self, mask: Tensor | None = None, padding_mask: Tensor | None = None,
+               repeat: int = 1, token_mean: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The targets: as `make_targets(layers, ..., mask=mask, repeat=repeat)` on the K layers.
 
         Args:
-            mask: [B, T] bool, True = masked: return only those rows; None: all rows.
+            mask: [B * repeat, T] bool, True = masked: return only those rows (row r: a masked
+                copy of sample r // repeat); None: all rows.
             padding_mask: the encoder's output padding mask when it differs from the one given
                 at construction (the text encoder derives one from pad tokens when given None);
                 allowed only when the per-layer norm does not use it.
+            repeat: masked copies per sample (data2vec 2.0); the rows of every copy are gathered
+                from the one [B, T, C] buffer.
+            token_mean: also return each sample's mean target over its valid steps, [B, C] fp32
+                (data2vec 2.0's CLS target), after the final norm.
 
         Returns:
             [M, C] fp32 rows at the masked positions in row-major order, or [B, T, C] fp32 when
-            mask is None (padded rows are 0). The accumulator is spent afterwards.
+            mask is None (padded rows are 0); with token_mean, (rows, [B, C] means). The
+            accumulator is spent afterwards.
         """
         if self.added != self.num_layers:
             raise ValueError(f"{self.added} of {self.num_layers} layers were added: the encoder "
                              f"must run with top_k={self.num_layers}")
         self._adopt_padding(padding_mask)
         check_targets_args([self.buffer], self.layer_norm, self.final_norm, mask,
-                           self.padding_mask)
-        if self._kernels is not None:
-            targets = self._finish_triton(mask)
+                           self.padding_mask, repeat)
+        if self._kernels is not None and not token_mean:
+            # Only the output rows are finished, each read from the sum through the row table.
+            targets = self._finish_triton(mask, repeat)
         else:
-            targets = self._finish_torch(mask)
+            # The whole sum is finished in place (the token mean needs every step), then gathered.
+            full = self._finish_triton(None) if self._kernels is not None else self._finish_torch()
+            targets = full if mask is None else reference.gather_rows(full, mask, repeat)
+        result = (targets, self._token_mean()) if token_mean else targets
         self.buffer = None  # spent: the sum was averaged in place
-        return targets
+        return result
+
+    def _token_mean(self) -> Tensor:
+        """[B, C] mean of the finished buffer over each sample's valid steps (padded rows are 0)."""
+        if self.padding_mask is None:
+            return self.buffer.mean(dim=1)
+        count = (~self.padding_mask).sum(dim=1, keepdim=True).clamp(min=1)
+        return self.buffer.sum(dim=1) / count
 
     def _adopt_padding(self, padding_mask: Tensor | None) -> None:
         if padding_mask is None or padding_mask is self.padding_mask:
@@ -152,20 +172,20 @@ class TargetAccumulator:
             self._kernels = self._module.TargetKernels(tuple(self.buffer.shape), padding_mask,
                                                        self.eps)
 
-    def _finish_torch(self, mask: Tensor | None) -> Tensor:
-        # The reference's tail, in place on the buffer: average, final norm, zero the padding.
+    def _finish_torch(self) -> Tensor:
+        """The reference's tail, in place on the buffer: average, final norm, zero the padding."""
         self.buffer.div_(self.num_layers)
         if self.final_norm != "none":
             self._normalise_into(self.buffer, self.final_norm, add=False)
         if self.padding_mask is not None:
             self.buffer.masked_fill_(self.padding_mask[..., None], 0.0)
-        return self.buffer if mask is None else self.buffer[mask]
+        return self.buffer
 
-    def _finish_triton(self, mask: Tensor | None) -> Tensor:
+    def _finish_triton(self, mask: Tensor | None, repeat: int = 1) -> Tensor:
         flat = self.buffer.view(-1, self.buffer.shape[-1])
         # In place where possible, so that finishing adds no second [B, T, C] buffer.
         out = self._module.finish_targets(
             self._kernels, [self.buffer], layer_norm="none", final_norm=self.final_norm,
-            rows=self._module.row_table(mask), divisor=float(self.num_layers), scratch=flat,
-            out=flat if mask is None else None)
+            rows=self._module.row_table(mask, repeat), divisor=float(self.num_layers),
+            scratch=flat, out=flat if mask is None else None)
         return out.view(self.buffer.shape) if mask is None else out

@@ -76,12 +76,12 @@ def ema_update_(ema: list[Tensor], student: list[Tensor], decay: float,
 
 def make_targets(layers: Sequence[Tensor], *, layer_norm: str, final_norm: str = "none",
                  mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                 eps: float = 1e-5) -> Tensor:
+                 eps: float = 1e-5, repeat: int = 1) -> Tensor:
     """Fused targets (see `kernels/make_targets.py`); args and result as `make_targets_ref`."""
-    check_targets_args(layers, layer_norm, final_norm, mask, padding_mask)
+    check_targets_args(layers, layer_norm, final_norm, mask, padding_mask, repeat)
     module = load_kernels("make_targets", layers[0].device)
     return module.make_targets(layers, layer_norm=layer_norm, final_norm=final_norm, mask=mask,
-                               padding_mask=padding_mask, eps=eps)
+                               padding_mask=padding_mask, eps=eps, repeat=repeat)
 
 
 def regression_loss(pred: Tensor, target: Tensor, *, beta: float, scale: float = 1.0,

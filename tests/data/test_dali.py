@@ -77,6 +77,21 @@ def test_image_batches_agree_with_the_torch_reader(photo_shards):
     assert torch_stream.state_dict() == dali_stream.state_dict()
 
 
+@pytest.mark.parametrize("model, modality", [("image_debug_v2", "image"), ("audio_debug_v2", "audio")])
+def test_v2_masks_agree_with_the_torch_reader(photo_shards, shard_sets, model, modality):
+    """data2vec 2.0 batches: the same [B, M, T] masks (M copies, exact counts) from both readers."""
+    path = photo_shards if modality == "image" else shard_sets["audio"][1]
+    torch_stream, dali_stream = both(model, path, "method.version=2", "method.clones=3",
+                                     f"mask.length={2 if modality == 'image' else 5}",
+                                     *(["mask.inverse=true", "mask.prob=0.8"] if modality == "image" else
+                                       ["mask.prob=0.5"]))
+    for x, y in zip(itertools.islice(torch_stream, 3), itertools.islice(dali_stream, 3)):
+        assert_same_layout(x, y)
+        assert x["mask"].dim() == 3 and x["mask"].shape[1] == 3
+        counts = x["mask"].sum(-1)
+        assert (counts == counts[0, 0]).all() if modality == "image" else (counts == counts[:, :1]).all()
+
+
 def test_image_pipeline_flips_and_crops_like_pil(photo_shards):
     """Full-image crops without normalisation: DALI's pixels match PIL's, flipped or not."""
     for flip in ("true", "false"):

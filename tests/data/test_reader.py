@@ -102,6 +102,36 @@ def test_text_batch_layout_and_ranges(shard_sets):
     assert torch.equal(batch["labels"], batch["index"] % 3)
 
 
+V2 = ("method.version=2", "method.clones=3")
+
+
+@pytest.mark.parametrize("modality, extra", [("image", ("mask.prob=0.8", "mask.length=2", "mask.inverse=true")),
+                                             ("audio", ("mask.prob=0.5", "mask.length=5")),
+                                             ("text", ("mask.prob=0.48", "mask.length=1"))])
+def test_v2_batches_carry_one_exact_mask_per_copy(shard_sets, modality, extra):
+    """2.0: masks [B, M, T], exact counts, never on padding or special tokens; text keeps clean ids.
+    The same batches with data-loader workers (which draw image and text masks) as without."""
+    stream, cfg, spec = stream_for(shard_sets, modality, *V2, *extra)
+    batch = next(stream)
+    assert set(batch) == KEYS[modality]
+    mask = batch["mask"]
+    assert mask.dtype == torch.bool and mask.dim() == 3 and mask.shape[:2] == (4, 3)
+    counts = mask.sum(-1)
+    if modality == "image":
+        assert (counts == mask.shape[-1] - int(mask.shape[-1] * 0.2)).all()   # 1 - 0.8 of 49: 9 kept
+    else:
+        assert (counts == counts[:, :1]).all() and (counts > 0).all()
+    if modality == "text":
+        pad = batch["padding_mask"]
+        assert torch.equal(batch["tokens"], batch["clean"])
+        assert not (mask & pad[:, None]).any() and not mask[..., 0].any()
+        ordinary = (~pad).sum(1) - 2
+        assert torch.equal(counts[:, 0], ordinary - (ordinary * 0.52).floor().long())
+    if modality != "audio":
+        workers = take(stream_for(shard_sets, modality, *V2, *extra, "data.num_workers=2")[0], 1)
+        assert_same_batches([batch], workers)
+
+
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_same_seed_same_batches_other_seed_other_batches(shard_sets, modality):
     first = take(stream_for(shard_sets, modality)[0], 3)

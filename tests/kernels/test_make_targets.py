@@ -7,7 +7,7 @@ tolerance too (stricter than the low-precision rule): only the order of summatio
 
 import pytest
 import torch
-from backends import BACKENDS, FUSED_BACKENDS, device_for, interpreted
+from backends import BACKENDS, FUSED_BACKENDS, backend_params, device_for, interpreted
 from asserts import assert_close
 
 from d2v_engine import ops
@@ -16,6 +16,8 @@ from d2v_engine.ops.reference import make_targets_ref
 NORMS = ("instance", "layer", "none")
 # (B, T, C, K): one row / T = 1 / K = 1; odd C; K = 12 ("all" blocks of a base model); C = 1023.
 SHAPES = [(1, 1, 16, 1), (3, 17, 341, 3), (2, 5, 33, 12), (2, 9, 1023, 2)]
+# Clones (repeat): T = 1; odd C; K = 12.
+REPEAT_SHAPES = [(2, 1, 16, 1), (3, 17, 341, 3), (2, 5, 33, 12)]
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
@@ -63,6 +65,36 @@ def test_matches_reference(backend, shape, layer_norm, final_norm, dtype):
     assert full.shape == (batch, steps, shape[2])
     if padding is not None:
         assert not full.cpu()[padding].any()
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpp",)))
+@pytest.mark.parametrize("repeat", [1, 2, 16])
+@pytest.mark.parametrize("shape", REPEAT_SHAPES, ids=str)
+@pytest.mark.parametrize("layer_norm", NORMS)
+@pytest.mark.parametrize("final_norm", NORMS)
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_repeat_matches_reference(backend, repeat, shape, layer_norm, final_norm, padded, dtype):
+    """data2vec 2.0's clones: mask [B*repeat, T], each sample's targets computed once."""
+    batch, steps = shape[:2]
+    mask = torch.rand(batch * repeat, steps) < 0.8
+    mask[0, 0] = True
+    mask[-1] = False  # a clone without masked steps
+    padding = _padding(batch, steps) if padded else None
+    got = _check(backend, _layers(shape, dtype), layer_norm=layer_norm, final_norm=final_norm,
+                 mask=mask, padding_mask=padding, repeat=repeat)
+    assert got.shape == (int(mask.sum()), shape[2])
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpp",)))
+@pytest.mark.parametrize("norms", [("instance", "layer"), ("layer", "none")], ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_repeat_threaded_copy(backend, norms, padded):
+    """Enough copied rows (repeat 16) for the copy pass to run on every thread; both schedules."""
+    mask = torch.rand(2 * 16, 64) < 0.8
+    padding = _padding(2, 64) if padded else None
+    _check(backend, _layers((2, 64, 341, 2), torch.bfloat16), layer_norm=norms[0],
+           final_norm=norms[1], mask=mask, padding_mask=padding, repeat=16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,11 +161,48 @@ def test_rejects_what_the_reference_rejects(backend):
         dict(layers=[x], mask=torch.ones(2, 3, device=device)),
         dict(layers=[x], padding_mask=torch.ones(3, 2, dtype=torch.bool, device=device)),
         dict(layers=[x], layer_norm="batch"),
+        dict(layers=[x], repeat=2),  # clones need a mask
+        dict(layers=[x], repeat=0, mask=torch.ones(0, 3, dtype=torch.bool, device=device)),
+        dict(layers=[x], repeat=2, mask=torch.ones(2, 3, dtype=torch.bool, device=device)),
     ]
     for call in bad_calls:
         kwargs = dict(layer_norm="layer") | call
         with pytest.raises((ValueError, TypeError)):
             ops.make_targets(kwargs.pop("layers"), backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, repeat", [((3, 17, 341, 3), 2), ((2, 1, 16, 1), 16),
+                                           ((2, 9, 48, 2), 3)], ids=str)
+@pytest.mark.parametrize("layer_norm, final_norm", [("instance", "layer"), ("layer", "none"),
+                                                    ("none", "instance")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_repeat_serves_every_masked_copy(backend, shape, repeat, layer_norm, final_norm, dtype):
+    """data2vec 2.0: mask [B * repeat, T], each sample's targets gathered for each of its copies."""
+    batch, steps = shape[:2]
+    if interpreted(backend) and (dtype != torch.float32 or repeat == 16):
+        pytest.skip("the interpreter is slow: one dtype and the smaller repeats cover its "
+                    "row table")
+    layers = _layers(shape, dtype)
+    mask = torch.rand(batch * repeat, steps) < 0.8
+    mask[-1] = True                                    # every step of the last sample, padding too
+    padding = _padding(batch, steps)
+    got = _check(backend, layers, mask=mask, padding_mask=padding, layer_norm=layer_norm,
+                 final_norm=final_norm, repeat=repeat)
+    # The same rows as the explicit formulation: build the copies, then select (fairseq's way).
+    full = make_targets_ref(layers, layer_norm=layer_norm, final_norm=final_norm,
+                            padding_mask=padding)
+    assert_close(got.cpu(), full.repeat_interleave(repeat, 0)[mask], **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeat_errors(backend):
+    layers = _layers((2, 4, 16, 1), device=device_for(backend))
+    with pytest.raises(ValueError, match="repeat"):
+        ops.make_targets(layers, layer_norm="layer", repeat=2, backend=backend)   # no mask
+    with pytest.raises(ValueError, match=r"\(6, 4\)"):
+        ops.make_targets(layers, layer_norm="layer", repeat=3, backend=backend,
+                         mask=torch.ones(2, 4, dtype=torch.bool, device=device_for(backend)))
 
 
 @pytest.mark.skipif("cpp" not in ops._BACKENDS, reason="the C++ extension is not built")
@@ -143,6 +212,9 @@ def test_cpp_custom_op_passes_opcheck():
 
     layers = [torch.randn(2, 5, 16) for _ in range(2)]
     mask = torch.rand(2, 5) < 0.5
-    for args in [(layers, 1, 0, mask, None, 1e-5), (layers, 2, 2, None, None, 1e-5)]:
+    clones = torch.rand(6, 5) < 0.5  # repeat 3
+    padding = torch.arange(5)[None] >= torch.tensor([[5], [3]])
+    for args in [(layers, 1, 0, mask, None, 1e-5, 1), (layers, 2, 2, None, None, 1e-5, 1),
+                 (layers, 1, 2, clones, padding, 1e-5, 3)]:
         torch.library.opcheck(cpp._make_targets_op, args,
                               test_utils=("test_schema", "test_faketensor"))

@@ -51,6 +51,23 @@ def test_matches_reference_masked_and_padded(triton_device, shape, layer_norm, f
     assert_close(got, make_targets_ref(layers, mask=mask, **kw), **TOL)
 
 
+@pytest.mark.parametrize("shape,repeat", [((3, 7, 33, 2), 2), ((2, 5, 40, 3), 16)]
+                         + sizes([], [((16, 196, 768, 10), 16)]), ids=str)
+@pytest.mark.parametrize("norms", [("instance", "layer"), ("layer", "instance"), ("none", "none")])
+def test_repeat_matches_reference(triton_device, shape, repeat, norms):
+    """data2vec 2.0's clones: mask [B*repeat, T] against the reference, bf16 teacher outputs."""
+    layers = _layers(shape, torch.bfloat16, triton_device)
+    batch, steps = shape[:2]
+    mask = torch.rand(batch * repeat, steps, device=triton_device) < 0.8
+    mask[0, 0] = True
+    mask[-1] = False  # a clone without masked steps
+    kw = dict(layer_norm=norms[0], final_norm=norms[1], mask=mask, repeat=repeat,
+              padding_mask=_padding(batch, steps, triton_device))
+    got = _triton(layers, **kw)
+    assert got.dtype == torch.float32 and got.shape == (int(mask.sum()), shape[2])
+    assert_close(got, make_targets_ref(layers, **kw), **TOL)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3])
 @pytest.mark.parametrize("norms", [("instance", "none"), ("layer", "layer"), ("none", "instance")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -131,19 +148,21 @@ def test_dispatch_and_refusal(triton_device, monkeypatch):
         assert ops.resolve_backend("auto", "cpu") != "triton"
 
 
-def test_torch_compile_traces_through_the_op(triton_device):
+@pytest.mark.parametrize("repeat", [1, 2])
+def test_torch_compile_traces_through_the_op(triton_device, repeat):
     """The registered op has a fake with a data-dependent row count; aot_eager runs it."""
     def targets(layers, mask):
         y = ops.make_targets([x * 2.0 for x in layers], layer_norm="instance",
-                             final_norm="layer", mask=mask, backend="triton")
+                             final_norm="layer", mask=mask, backend="triton",
+                             repeat=repeat)
         return y * 1.0, y.shape[0]
 
     layers = _layers((2, 6, 33, 3), torch.float32, triton_device)
     compiled = torch.compile(targets, backend="aot_eager", fullgraph=True, dynamic=True)
     for threshold in (0.3, 0.7):  # two different row counts, one graph
-        mask = torch.rand(2, 6, device=triton_device) < threshold
+        mask = torch.rand(2 * repeat, 6, device=triton_device) < threshold
         got, rows = compiled(layers, mask)
         expected = make_targets_ref([x * 2.0 for x in layers], layer_norm="instance",
-                                    final_norm="layer", mask=mask)
+                                    final_norm="layer", mask=mask, repeat=repeat)
         assert rows == expected.shape[0]
         assert_close(got, expected, **TOL)

@@ -162,6 +162,46 @@ def test_make_targets_rejects_bad_arguments():
             make_targets_ref(kwargs.pop("layers"), **kwargs)
 
 
+@pytest.mark.parametrize("repeat", [1, 3, 16])
+@pytest.mark.parametrize("norms", [("instance", "layer"), ("layer", "instance"), ("none", "none")],
+                         ids=str)
+@pytest.mark.parametrize("padded", [False, True])
+def test_make_targets_repeat_matches_repeat_interleave(repeat, norms, padded):
+    """data2vec 2.0's clones: the same rows as fairseq's y.repeat_interleave(M, 0)[mask]."""
+    batch, steps, channels = 3, 9, 33
+    layers = [torch.randn(batch, steps, channels) * 3 + 1 for _ in range(2)]
+    padding = _padding(batch, steps) if padded else None
+    mask = torch.rand(batch * repeat, steps) < 0.6
+    mask[0, 0] = True
+    mask[-1] = False  # a clone without masked steps
+    kw = dict(layer_norm=norms[0], final_norm=norms[1], padding_mask=padding)
+    got = make_targets_ref(layers, mask=mask, repeat=repeat, **kw)
+    explicit = _targets_f64(layers, *norms, None, padding).repeat_interleave(repeat, 0)[mask]
+    assert got.dtype == torch.float32 and got.shape == (int(mask.sum()), channels)
+    assert_close(got, explicit, **TOL)
+    assert torch.equal(ops.make_targets(layers, mask=mask, repeat=repeat, backend="reference",
+                                        **kw), got)  # the public op passes repeat through
+    if repeat == 1:  # exactly today's rows
+        assert torch.equal(got, make_targets_ref(layers, **kw)[mask])
+
+
+def test_make_targets_rejects_bad_repeat():
+    x = torch.randn(2, 3, 4)
+    bad_calls = [
+        dict(repeat=0, mask=torch.ones(0, 3, dtype=torch.bool)),
+        dict(repeat=-1, mask=torch.ones(2, 3, dtype=torch.bool)),
+        dict(repeat=2),  # clones need a mask
+        dict(repeat=2, mask=torch.ones(2, 3, dtype=torch.bool)),  # [B, T], not [B*2, T]
+        dict(repeat=2, mask=torch.ones(4, 3), padding_mask=None),  # not bool
+        dict(repeat=2, mask=torch.ones(4, 3, dtype=torch.bool),
+             padding_mask=torch.zeros(4, 3, dtype=torch.bool)),  # padding stays [B, T]
+        dict(repeat=2.0, mask=torch.ones(4, 3, dtype=torch.bool)),
+    ]
+    for call in bad_calls:
+        with pytest.raises((ValueError, TypeError)):
+            make_targets_ref([x], layer_norm="layer", **call)
+
+
 # regression_loss ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 4.0])
