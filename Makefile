@@ -1,5 +1,5 @@
 # d2v_engine: every target is idempotent (stamp files in .stamps/ record finished set-up steps).
-#   make pretrain   set up, prepare the default data set, pretrain configs/default.yaml
+#   make pretrain   set up, prepare the default data set, pretrain configs/default_v2.yaml (data2vec 2.0)
 #   make test       set up, run the test suite
 #   make data       prepare the three offline data sets (Fashion-MNIST, spoken words, text corpus)
 SHELL := /bin/bash
@@ -7,7 +7,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMPS := .stamps
 DATA ?= data
-CONFIG ?= configs/default.yaml
+CONFIG ?= configs/default_v2.yaml
 NUM_GPUS ?= 1
 ARGS ?=
 

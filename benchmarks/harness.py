@@ -297,17 +297,18 @@ def _print_table(rows: list[dict]) -> None:
         return
     print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}, git {rows[0]['git']}, "
           f"{rows[0]['threads']} threads")
-    header = f"{'case':<50} {'provider':<14} {'median ms':>10} {'q20-q80 ms':>17} {'GB/s':>7} " \
+    width = max(50, *(len(row["case"]) for row in rows))
+    header = f"{'case':<{width}} {'provider':<14} {'median ms':>10} {'q20-q80 ms':>17} {'GB/s':>7} " \
              f"{'of copy':>8} {'x ref':>6}  note"
     print(header)
     print("-" * len(header))
     for row in rows:
         if "median_ms" not in row:
-            print(f"{row['case']:<50} {row['provider']:<14} {'-':>10} {'':>17} {'':>7} {'':>8} "
+            print(f"{row['case']:<{width}} {row['provider']:<14} {'-':>10} {'':>17} {'':>7} {'':>8} "
                   f"{'':>6}  {row['note']}")
             continue
         spread = f"{row['q20_ms']:.3f}-{row['q80_ms']:.3f}"
-        print(f"{row['case']:<50} {row['provider']:<14} {row['median_ms']:>10.3f} {spread:>17} "
+        print(f"{row['case']:<{width}} {row['provider']:<14} {row['median_ms']:>10.3f} {spread:>17} "
               f"{row['gbps']:>7.2f} {row['fraction_of_copy']:>8.1%} "
               f"{row.get('vs_reference', math.nan):>6.2f}  {row['note']}")
     copies = dict.fromkeys((r["case"], r["copy_gbps"], r["floor_ms"]) for r in rows)
