@@ -47,13 +47,23 @@ def checkpoint_encoders(run_dir: Path, weights: str) -> dict[str, object]:
     return encoders
 
 
-def training_seconds(run_dir: Path) -> dict[int, float]:
-    """Step -> seconds of training up to it, from the logged step times (0 -> 0)."""
-    seconds, last, total = {0: 0.0}, 0, 0.0
-    for record in read_metrics(run_dir):
-        total += record["step_ms"] / 1000 * (record["step"] - last)
-        last = record["step"]
-        seconds[last] = total
+def training_seconds(run_dir: Path, steps: list[int]) -> dict[int, float]:
+    """Step -> seconds of training up to it, from the logged step times (0 -> 0).
+
+    A record's `step_ms` is the mean over the steps since the previous record, so a step between
+    two records (a checkpoint every 110 steps, a log every 25) takes its window's rate. Steps past
+    the last record are absent.
+    """
+    records = [(r["step"], r["step_ms"] / 1000) for r in read_metrics(run_dir)]
+    seconds = {}
+    for step in steps:
+        last, total = 0, 0.0
+        for logged, rate in records:
+            if step <= logged:
+                seconds[step] = total + rate * (step - last)
+                break
+            total += rate * (logged - last)
+            last = logged
     return seconds
 
 
@@ -69,7 +79,7 @@ def curve(run_dir: Path, opts: EvalOptions) -> list[dict]:
     (name, task), = select_tasks(cfg, opts).items()
     encoders = checkpoint_encoders(run_dir, opts.weights)
     train, train_y, test, test_y = task_features(name, task, encoders, cfg, data_root(cfg, opts), opts)
-    seconds = training_seconds(run_dir)
+    seconds = training_seconds(run_dir, [int(key) for key in train if key.isdigit()])
     rows = []
     for key in train:
         scores = probe_scores(train[key], train_y, test[key], test_y, opts.k)
