@@ -350,7 +350,8 @@ class Trainer:
                 f"checkpoint {tag} was written by {saved[0]} rank(s) with ZeRO-{saved[1]} in {saved[2]}, "
                 f"but this run has {here[0]} rank(s) with ZeRO-{here[1]} in {here[2]}; resume with the "
                 f"same setting, or export the weights (`d2v export --run {self.run_dir} --out "
-                f"weights.pt`) and start a new run.dir from them with run.init_from=weights.pt.")
+                f"weights.safetensors`) and start a new run.dir from them with "
+                f"run.init_from=weights.safetensors.")
         return meta
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from d2v_engine import distributed
+from d2v_engine.export import read_export
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
@@ -173,10 +174,10 @@ def test_export_then_start_another_world_size_from_it(images, one_rank, zero3, t
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "2 rank(s)" in refused.stderr and "run.init_from=" in refused.stderr
 
-    out = tmp_path / "weights.pt"
+    out = tmp_path / "weights.safetensors"
     assert d2v(["export", "--run", str(zero3[0]), "--out", str(out)]) == 0
-    d2v(["export", "--run", str(one_rank), "--out", str(tmp_path / "one.pt")])
-    got, ref = torch.load(out, weights_only=False), torch.load(tmp_path / "one.pt", weights_only=False)
+    d2v(["export", "--run", str(one_rank), "--out", str(tmp_path / "one.safetensors")])
+    got, ref = read_export(out), read_export(tmp_path / "one.safetensors")
     assert got["step"] == 12 and got["world_size"] == 2 and got["zero_stage"] == 3
     for part in ("student", "head", "teacher"):
         assert got[part].keys() == ref[part].keys()
