@@ -175,10 +175,15 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
 
 
 def save_export(exported: dict[str, Any], out: str | Path) -> None:
-    """Write an export dict (the `consolidate` layout) as safetensors, replacing `out` atomically.
+    """Write an export dict as safetensors, replacing `out` atomically.
 
     safetensors refuses tensors that share memory or are not contiguous; those (hf-import's teacher
     is the student's own tensors) are written from a contiguous copy.
+
+    Args:
+        exported: the `consolidate` layout: a dict of tensors per `TENSOR_PARTS` entry, JSON values
+            for every other key.
+        out: the file to write.
     """
     from safetensors.torch import save_file
 
@@ -237,6 +242,8 @@ def read_export(path: str | Path, what: str | None = None) -> dict[str, Any]:
     Args:
         path: the file (safetensors, or `LEGACY_FORMAT`; told apart by content, not by name).
         what: how errors name the file (default: its path).
+    Returns:
+        The `consolidate` layout: JSON values, and {name: tensor} per `TENSOR_PARTS` entry.
     Raises:
         UserError: missing, unreadable, not an export, or a pickle that asks to run code.
     """

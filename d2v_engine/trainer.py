@@ -313,7 +313,11 @@ class Trainer:
         self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
-        """Continue from the newest checkpoint in `run.dir`; a fresh start when there is none."""
+        """Continue from the newest checkpoint in `run.dir`; a fresh start when there is none.
+
+        DeepSpeed's loader unpickles with weights_only=False: resuming trusts the run directory
+        (the readers for eval and export do not; see `safe_load`).
+        """
         latest = self.ckpt_dir / "latest"
         if not latest.is_file():
             if self.rank == 0:
