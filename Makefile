@@ -14,9 +14,9 @@ ARGS ?=
 # Debian packages the offline data sets come from (see the README's data section).
 APT_PKGS := dataset-fashion-mnist espeak-ng sox libsox-fmt-all wordnet-base bible-kjv fortunes
 PY_DEPS := numpy triton pybind11 webdataset soundfile pillow tokenizers pyyaml tqdm tensorboard \
-           matplotlib scikit-learn pytest
+           matplotlib scikit-learn safetensors pytest
 # The `hf` extra, installed so that the Hugging Face interop tests run (tests/test_hf.py).
-HF_DEPS := transformers==5.24.0 safetensors
+HF_DEPS := transformers==5.24.0
 
 # On a CUDA machine keep the torch that is installed there (the venv sees the system packages);
 # elsewhere pin the CPU build, in every pip command, so that nothing pulls a multi-GB CUDA build.

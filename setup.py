@@ -57,15 +57,16 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
-        "torch>=2.4", "deepspeed>=0.15", "webdataset>=0.2", "pybind11", "soundfile", "pillow",
+        "torch>=2.6", "deepspeed>=0.15", "webdataset>=0.2", "pybind11", "soundfile", "pillow",
         "tokenizers", "pyyaml", "tqdm", "tensorboard", "matplotlib", "scikit-learn", "numpy",
+        "safetensors",   # `d2v export` files: tensors and JSON, nothing that runs when read
     ],
     extras_require={
         "gpu": ["triton", "nvidia-dali-cuda120"],
         "dali": ["nvidia-dali-cuda120"],
         "test": ["pytest"],
         # Hugging Face interop (`d2v_engine.hf`, `d2v hf-import` / `d2v hf-export`)
-        "hf": ["transformers>=5.24,<6", "safetensors"],
+        "hf": ["transformers>=5.24,<6"],
     },
     entry_points={"console_scripts": ["d2v = d2v_engine.cli:main"]},
 )

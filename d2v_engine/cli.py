@@ -168,11 +168,12 @@ def _add_export(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="write a run's consolidated fp32 student and teacher weights",
         description="Gather a checkpoint's student and teacher weights, whatever the ZeRO stage and "
-                    "number of ranks that wrote it, into one fp32 file. A new run on any number of "
-                    "ranks starts from it with run.init_from=FILE.")
+                    "number of ranks that wrote it, into one fp32 safetensors file. A new run on any "
+                    "number of ranks starts from it with run.init_from=FILE.")
     p.add_argument("--run", dest="run_dir", metavar="DIR", required=True,
                    help="the run directory (its run.dir)")
-    p.add_argument("--out", metavar="FILE", required=True, help="the weights file to write")
+    p.add_argument("--out", metavar="FILE", required=True,
+                   help="the weights file to write (safetensors, e.g. weights.safetensors)")
     p.add_argument("--tag", help="checkpoint tag (default: the one checkpoints/latest names)")
     p.set_defaults(run=_run_export)
 
@@ -196,7 +197,8 @@ def _add_hf_import(subparsers) -> None:
     p.add_argument("--hf-dir", required=True, metavar="DIR", help="the Hugging Face model folder")
     p.add_argument("--config", required=True, help="the pretraining config (its model.name must fit)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    p.add_argument("--out", required=True, metavar="FILE", help="the weights file to write")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the weights file to write (safetensors, e.g. init.safetensors)")
     p.set_defaults(run=_run_hf_import)
 
 

@@ -189,7 +189,17 @@ class TrainConfig:
     save_every: int = 0
     """Steps between checkpoints; 0 = only at the end."""
     keep_checkpoints: int = 2
-    """Newest checkpoints kept on disk."""
+    """Newest complete checkpoints kept on disk (the one `latest` names is never deleted)."""
+    max_skipped_steps: int = 10
+    """Steps in a row whose loss or gradient is not finite that are skipped (no update, no EMA)
+    before the run stops, naming the last good checkpoint; 0 = stop at the first."""
+    collapse_threshold: float = 0.01
+    """Collapse watchdog: `target_var` or `target_sample_var` under this value counts as collapsed
+    (healthy debug and default runs stay above 0.2); 0 = off."""
+    collapse_window: int = 5
+    """Logged steps in a row under `collapse_threshold` before the one warning (or the stop)."""
+    stop_on_collapse: bool = False
+    """Stop the run, rather than warn once, when the targets have collapsed."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
     progress: bool = True
@@ -420,6 +430,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every > 0, "train.log_every must be positive"),
         (cfg.train.save_every >= 0, "train.save_every must be 0 (only at the end) or positive"),
         (cfg.train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
+        (cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps must be 0 (stop at the first) or positive"),
+        (cfg.train.collapse_threshold >= 0, "train.collapse_threshold must be 0 (off) or positive"),
+        (cfg.train.collapse_window > 0, "train.collapse_window must be positive"),
         (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas),
          "train.betas must be two numbers in [0, 1)"),
         (0 <= cfg.ds.zero_stage <= 3, "ds.zero_stage must be 0, 1, 2 or 3"),

@@ -7,6 +7,10 @@ ZeRO-3 engine takes a config derived from it (`teacher_ds_config`), so nothing i
 Parallelism is applied by free functions, in this order, and leaves the model code untouched:
     build_engine(model, cfg, world_size)     the student under DeepSpeed (ZeRO 0-3, bf16, accumulation)
     apply_zero3_teacher(teacher, ds_config)  ZeRO-3 only: the teacher partitioned like the student
+
+Every optimizer the engine steps skips a step whose gradient norm is not finite (DeepSpeed's own
+wrappers, or `FiniteAdamW` where DeepSpeed has none), and checkpoint files are written by
+`save_whole`, which reports a full or read-only disk as the OSError it is.
 """
 from __future__ import annotations
 
@@ -136,11 +140,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": groups[0], "weight_decay": weight_decay}, {"params": groups[1], "weight_decay": 0.0}]
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """torch's AdamW that skips a step whose gradients are not all finite, as DeepSpeed's optimizers do.
+
+    DeepSpeed wraps the client optimizer in one of its own under ZeRO 1-3 and in bf16, and that
+    wrapper skips a step with a NaN or infinite gradient norm; under ZeRO-0 in fp32 it steps the
+    client optimizer directly, with no such check. Either way `overflow` says the last step was
+    skipped, and DeepSpeed then counts it in `engine.skipped_steps` and holds the lr schedule.
+    """
+
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # A sync point per step, as in DeepSpeed's own overflow checks. The gradients were summed
+        # over the ranks before this step: every rank decides alike.
+        self.overflow = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """torch's fused AdamW (fused kernels on CPU and GPU; apex is not needed)."""
+    """torch's fused AdamW (fused kernels on CPU and GPU; apex is not needed).
+
+    Under ZeRO-0 in fp32 it is `FiniteAdamW`; elsewhere DeepSpeed's wrapper checks the gradients
+    before the inner step, and a second check would cost a second sync point per step.
+    """
     t = cfg.train
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                             eps=t.eps, fused=True)
+    cls = FiniteAdamW if cfg.ds.zero_stage == 0 and cfg.ds.precision == "fp32" else torch.optim.AdamW
+    return cls(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -164,12 +194,56 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int):
     here; every rank built the same weights, so no rank's copy is special.
     """
     import deepspeed
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     ds_config = build_ds_config(cfg, world_size)
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config)
+    writer = engine.checkpoint_engine
+    if isinstance(writer, TorchCheckpointEngine):
+        # The default writer: torch.save on a path, which hides why a write failed (`save_whole`).
+        writer.save = lambda state_dict, path: save_whole(state_dict, path, zipfile=writer.zipfile_serialization)
     return engine, ds_config
+
+
+def save_whole(obj: Any, path: str, zipfile: bool = True) -> None:
+    """`torch.save(obj, path)`, raising OSError with the errno when the disk is full or read-only.
+
+    torch.save reports a failed write as a RuntimeError without the cause ("unexpected pos 704 vs
+    598"), on a path and through a file object alike: its C++ writer swallows the file's OSError.
+    Here the file keeps that OSError, and it is raised instead.
+    """
+    with open(path, "wb", buffering=0) as raw:
+        out = _WholeWrites(raw)
+        try:
+            torch.save(obj, out, _use_new_zipfile_serialization=zipfile)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
+class _WholeWrites:
+    """A file object for torch.save whose `write` writes all it is given, or keeps the OSError and raises it."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:   # the OS writes what fits; the write of the rest raises ENOSPC
+                view = view[self.raw.write(view):]
+        except OSError as err:
+            self.error = err
+            raise
+        return size
+
+    def flush(self) -> None:
+        pass
 
 
 def apply_zero3_teacher(teacher: "EMATeacher", ds_config: dict[str, Any]):

@@ -1,15 +1,19 @@
 """Consolidated fp32 weights of a run: `d2v export --run DIR --out FILE`, and `run.init_from=FILE`.
 
-The file is a `torch.save`d dict that depends on neither the number of ranks nor the ZeRO stage of
-the run that wrote it:
+The file is safetensors (tensors and a JSON header, nothing that runs when read) and depends on
+neither the number of ranks nor the ZeRO stage of the run that wrote it. Tensors are named
+`<part>/<name>`; the metadata key `d2v` holds the rest as one JSON object:
 
-    format      EXPORT_FORMAT
-    model       registry name of the architecture (`model.name`)
-    student     the student encoder's fp32 state dict (names without the `encoder.` prefix)
-    head        the student's regression head, fp32 (data2vec 1.0; empty for 2.0)
-    decoder     the student's conv decoder, fp32 (data2vec 2.0; empty for 1.0)
-    teacher     the teacher's fp32 EMA weights by parameter name (audio: without the CNN it shares)
-    step, tag, world_size, zero_stage, config   where it came from
+    tensors   student/*   the student encoder's fp32 state dict (names without the `encoder.` prefix)
+              head/*      the student's regression head, fp32 (data2vec 1.0; none for 2.0)
+              decoder/*   the student's conv decoder, fp32 (data2vec 2.0; none for 1.0)
+              teacher/*   the teacher's fp32 EMA weights by parameter name (audio: without the CNN it shares)
+    JSON      format      EXPORT_FORMAT
+              model       registry name of the architecture (`model.name`)
+              step, tag, world_size, zero_stage, config   where it came from
+
+`read_export` gives it back as one dict with a dict of tensors per part. Exports written before
+(`LEGACY_FORMAT`, a `torch.save`d dict of the same keys) are still read, unpickled weights only.
 
 A new run on any number of ranks starts from it with `run.init_from=FILE`: that is the way to
 continue training on another number of ranks, or with another ZeRO stage.
@@ -22,6 +26,7 @@ Where a DeepSpeed checkpoint keeps the weights (`Trainer.save_checkpoint` writes
 - teacher: the client state. ZeRO 0-2: `teacher` in rank 0's model-states file, a full replica.
   ZeRO-3: every rank's model-states file holds its flat slices of each tensor; `teacher_shapes`
   gives the full shapes, and the slices concatenate in rank order (`gather_teacher`).
+Those files are read weights only, with the allow-list of `safe_load` (no code runs).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +42,18 @@ import torch
 from torch import Tensor, nn
 
 from d2v_engine.errors import UserError
+from d2v_engine.safe_load import client_state_types, load_file, unsafe_error, weights_only, zero_optimizer_types
 
-EXPORT_FORMAT = "d2v-export-1"
+EXPORT_FORMAT = "d2v-export-2"
+"""safetensors, the JSON header under the metadata key `d2v` (see the module docstring)."""
+LEGACY_FORMAT = "d2v-export-1"
+"""A `torch.save`d dict: exports written before safetensors, still read (weights only)."""
 STUDENT_PARTS = ("head", "decoder")
 """What an objective adds to the encoder: 1.0's regression head, 2.0's decoder (one or the other)."""
+TENSOR_PARTS = ("student",) + STUDENT_PARTS + ("teacher",)
+"""The export's dicts of tensors; every other key is JSON."""
+_HEADER_KEY = "d2v"
+_NOT_OURS = "use a run directory that d2v pretraining wrote"
 _META = "d2v.json"   # trainer.CHECKPOINT_META, repeated to keep this module free of the trainer's imports
 
 
@@ -60,11 +74,6 @@ def find_tag(run_dir: str | Path, tag: str | None = None) -> Path:
         raise UserError(f"checkpoint '{tag}' in {root} is missing or incomplete (no {_META}); pass "
                         f"--tag with one of: {', '.join(complete) or 'none yet'}.")
     return root / tag
-
-
-def _load(path: Path) -> dict[str, Any]:
-    # weights_only=False: DeepSpeed's files and our client state hold Python objects (RNG states).
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def gather_teacher(states: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -119,8 +128,13 @@ def _student_module(tag_dir: Path, meta: dict[str, Any], rank0: dict[str, Any]) 
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # zero_to_fp32 reads the model-states and optimizer-state files itself, weights only here too
+        try:
+            with weights_only(client_state_types() + zero_optimizer_types()), \
+                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except pickle.UnpicklingError as err:
+            raise unsafe_error(f"checkpoint {tag_dir}", err, _NOT_OURS) from None
     return {k: v.detach().float() for k, v in module.items() if v.is_floating_point()}
 
 
@@ -135,7 +149,7 @@ def consolidate(tag_dir: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"checkpoint {tag_dir} lacks {', '.join(missing)}; it was not written completely, "
                         f"so export another --tag.")
-    states = [_load(f) for f in files]
+    states = [load_file(f, client_state_types(), f"checkpoint file {f}", _NOT_OURS) for f in files]
     module = _student_module(tag_dir, meta, states[0])
     split = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
              for part in ("encoder",) + STUDENT_PARTS}
@@ -146,21 +160,103 @@ def consolidate(tag_dir: Path) -> dict[str, Any]:
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
-    """Write the consolidated fp32 student and teacher of a run's checkpoint to `out`.
+    """Write the consolidated fp32 student and teacher of a run's checkpoint to `out` (safetensors).
 
     Args:
         run_dir: the run's directory (`run.dir`).
-        out: the file to write (replaced atomically).
+        out: the file to write (replaced atomically), e.g. `weights.safetensors`.
         tag: checkpoint tag; None = the one `latest` names.
     Returns:
         What was written.
     """
     exported = consolidate(find_tag(run_dir, tag))
+    save_export(exported, out)
+    return exported
+
+
+def save_export(exported: dict[str, Any], out: str | Path) -> None:
+    """Write an export dict as safetensors, replacing `out` atomically.
+
+    safetensors refuses tensors that share memory or are not contiguous; those (hf-import's teacher
+    is the student's own tensors) are written from a contiguous copy.
+
+    Args:
+        exported: the `consolidate` layout: a dict of tensors per `TENSOR_PARTS` entry, JSON values
+            for every other key.
+        out: the file to write.
+    """
+    from safetensors.torch import save_file
+
+    tensors, storages = {}, set()
+    for part in TENSOR_PARTS:
+        for name, tensor in exported.get(part, {}).items():
+            tensor = tensor.detach().cpu()
+            if tensor.untyped_storage().data_ptr() in storages or not tensor.is_contiguous():
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[f"{part}/{name}"] = tensor
+    header = {k: v for k, v in exported.items() if k not in TENSOR_PARTS} | {"format": EXPORT_FORMAT}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(exported, tmp)
+    save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
     os.replace(tmp, out)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when the file starts as safetensors does: a little-endian u64 header length, then `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A safetensors export as the `consolidate` dict."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = (f.metadata() or {}).get(_HEADER_KEY)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        exported = json.loads(header) if header is not None else {}
+    except Exception as err:  # a truncated or corrupt header means the same to the user
+        raise UserError(f"{what} is not a readable weights file ({type(err).__name__}); {fix}.") from None
+    parts: dict[str, dict[str, Tensor]] = {part: {} for part in TENSOR_PARTS}
+    for key, tensor in tensors.items():
+        part, _, name = key.partition("/")
+        if part not in parts:
+            exported = {}                       # someone else's safetensors file
+            break
+        parts[part][name] = tensor
+    if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{what} is a safetensors file but not a `d2v export` one; {fix}.")
+    return {**exported, **parts}
+
+
+def read_export(path: str | Path, what: str | None = None) -> dict[str, Any]:
+    """The contents of a `d2v export` or `d2v hf-import` file, in the `consolidate` layout.
+
+    Nothing in the file runs: safetensors is tensors and JSON, and a legacy `.pt` export is unpickled
+    weights only (tensors and plain values; anything else is refused).
+
+    Args:
+        path: the file (safetensors, or `LEGACY_FORMAT`; told apart by content, not by name).
+        what: how errors name the file (default: its path).
+    Returns:
+        The `consolidate` layout: JSON values, and {name: tensor} per `TENSOR_PARTS` entry.
+    Raises:
+        UserError: missing, unreadable, not an export, or a pickle that asks to run code.
+    """
+    path = Path(path)
+    what = what or f"'{path}'"
+    fix = "write one with `d2v export`"
+    if not path.is_file():
+        raise UserError(f"{what} does not exist; write one with `d2v export --run RUN_DIR --out {path}`.")
+    if _is_safetensors(path):
+        return _read_safetensors(path, what, fix)
+    exported = load_file(path, [], what, fix)
+    if not isinstance(exported, dict) or exported.get("format") != LEGACY_FORMAT:
+        raise UserError(f"{what} is not a `d2v export` file; {fix}.")
     return exported
 
 
@@ -168,19 +264,9 @@ def load_export(path: str | Path, model_name: str) -> dict[str, Any]:
     """Read a `d2v export` file for `run.init_from`, checking that it holds `model_name`.
 
     Raises:
-        UserError: not a file, not an export, or another architecture.
+        UserError: not a file, not an export, a pickle that asks to run code, or another architecture.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"run.init_from '{path}' does not exist; write one with "
-                        f"`d2v export --run RUN_DIR --out {path}`.")
-    try:
-        exported = _load(path)
-    except Exception as err:  # any unpickling failure means the same thing to the user
-        raise UserError(f"run.init_from '{path}' is not a readable weights file ({type(err).__name__}); "
-                        f"write one with `d2v export`.") from None
-    if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
-        raise UserError(f"run.init_from '{path}' is not a `d2v export` file; write one with `d2v export`.")
+    exported = read_export(path, what=f"run.init_from '{path}'")
     if exported["model"] != model_name:
         raise UserError(f"run.init_from '{path}' holds model '{exported['model']}' but model.name is "
                         f"'{model_name}'; set model.name={exported['model']} or export a matching run.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = ("step", "loss", "lr", "ema_decay", "target_var", "pred_var", "target_sample_var", "grad_norm",
-          "samples_per_s", "step_ms", "data_ms", "bad_samples", "clones")
+          "samples_per_s", "step_ms", "data_ms", "bad_samples", "skipped_steps", "clones")
 """The fields of every `metrics.jsonl` record, in order."""
 
 
@@ -24,7 +24,8 @@ def format_line(m: dict[str, float], total_steps: int) -> str:
             f"gnorm {m['grad_norm']:.3f} | {m['samples_per_s']:.1f} samples/s | "
             f"{m['step_ms']:.0f} ms/step | data {m['data_ms']:.0f} ms"
             + (f" | {m['clones']} clones" if m.get("clones", 1) > 1 else "")
-            + (f" | {m['bad_samples']} bad samples" if m.get("bad_samples") else ""))
+            + (f" | {m['bad_samples']} bad samples" if m.get("bad_samples") else "")
+            + (f" | {m['skipped_steps']} skipped steps" if m.get("skipped_steps") else ""))
 
 
 def git_record() -> str:
@@ -58,6 +59,7 @@ class MetricsLogger:
         record = {k: metrics[k] for k in FIELDS}
         record["step"] = int(record["step"])
         record["bad_samples"] = int(record["bad_samples"])
+        record["skipped_steps"] = int(record["skipped_steps"])
         record["clones"] = int(record["clones"])
         self.echo(format_line(record, self.total_steps))
         self.jsonl.write(json.dumps(record) + "\n")

@@ -35,6 +35,7 @@ from torch import Tensor
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
 from d2v_engine.flops import device_peak
+from d2v_engine.guards import nan_unless_finite
 
 PHASES = ("data wait", "student forward", "teacher forward", "targets", "decoder", "loss", "backward",
           "optimizer step", "EMA update", "rest")
@@ -129,7 +130,7 @@ def timed_step(trainer, clock: PhaseClock) -> list[dict[str, Tensor]]:
         clock.begin("rest")
         loss, _ = trainer.engine(to_device(trainer, batch), trainer.teacher)
         clock.begin("backward")
-        trainer.engine.backward(loss)
+        trainer.engine.backward(nan_unless_finite(loss))
         clock.begin("optimizer step")
         trainer.engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
         batches.append(batch)

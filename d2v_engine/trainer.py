@@ -3,11 +3,12 @@
     Trainer(cfg)              builds data, student, teacher and the DeepSpeed engine(s), resumes if asked
     .forward_backward_step    one micro-batch: targets, predictions, loss, backward
     .train_step               one optimizer step: `grad_accum` micro-batches, then the EMA update
-    .train                    the loop: steps, metrics lines, checkpoints
+    .train                    the loop: steps, metrics lines, the guards (`guards`), checkpoints
     .save_checkpoint          DeepSpeed's checkpoint + client state, published atomically
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ from d2v_engine import distributed
 from d2v_engine.config import Config, dump_config
 from d2v_engine.data import BatchStream, build_loader
 from d2v_engine.errors import UserError
+from d2v_engine.guards import CollapseWatchdog, SkipStreak, nan_unless_finite
 from d2v_engine.metrics import MetricsLogger, git_record, plot_run
 from d2v_engine.models.data2vec import Data2Vec, masked_std, std_across_samples
 from d2v_engine.models.data2vec2 import Data2Vec2
@@ -103,8 +105,10 @@ class Trainer:
     run_dir: Path
     ckpt_dir: Path
     # state
-    step: int                    # optimizer steps completed
+    step: int                    # optimizer steps completed, skipped ones included
     saved_step: int              # step of the newest published checkpoint, -1 = none
+    skips: SkipStreak            # steps skipped in a row (non-finite loss or gradient)
+    collapse: CollapseWatchdog   # logged steps in a row with collapsed targets
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -116,6 +120,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.saved_step = 0, -1
         self._grad_norm: Tensor | float = float("nan")
+        self.skips = SkipStreak(cfg.train.max_skipped_steps)
+        self.collapse = CollapseWatchdog(cfg.train.collapse_threshold, cfg.train.collapse_window)
 
         # data first: a text model's vocabulary comes from the data's tokenizer
         spec = with_overrides(with_model_config(get_spec(cfg.model.name), cfg.model),
@@ -187,7 +193,8 @@ class Trainer:
                               ) -> tuple[Tensor, dict[str, Tensor]]:
         """One micro-batch: teacher targets, student predictions, loss, backward, engine step."""
         loss, stats = self.engine(self._to_device(batch), self.teacher)
-        self.engine.backward(loss)
+        # A non-finite loss makes every gradient NaN, so that the optimizer skips the step.
+        self.engine.backward(nan_unless_finite(loss))
         if measure_grad_norm:
             # After the boundary's backward the gradients are averaged over ranks: the same norm everywhere.
             self._grad_norm = torch.nn.utils.get_total_norm(
@@ -195,11 +202,17 @@ class Trainer:
         self.engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
         return loss.detach(), stats
 
-    def train_step(self) -> tuple[Tensor, dict[str, Tensor], float, float]:
+    def train_step(self) -> tuple[Tensor, dict[str, Tensor], float, float, bool]:
         """One optimizer step over `grad_accum` micro-batches, then the teacher's EMA update.
 
+        A step whose loss or gradient is not finite, in any micro-batch on any rank, is skipped by
+        the optimizer (`guards`): the weights, the optimizer state, the lr schedule and the teacher
+        stay as they were, while the step counter (and with it the EMA decay schedule) and the data
+        move on.
+
         Returns:
-            (mean loss, last micro-batch's stats, seconds spent waiting for data, EMA decay used).
+            (mean loss, last micro-batch's stats, seconds spent waiting for data, EMA decay of
+            the step, whether the optimizer applied it).
         """
         losses, data_s = [], 0.0
         accum, next_step = self.cfg.train.grad_accum, self.step + 1
@@ -213,10 +226,13 @@ class Trainer:
             loss, stats = self.forward_backward_step(batch, measure_grad_norm=measure and i == accum - 1)
             losses.append(loss)
         self.step += 1
+        applied = self.engine.was_step_applied()   # the same on every rank (see `guards`)
+        if not applied:
+            return torch.stack(losses).mean(), stats, data_s, self.teacher.decay_at(self.step), False
         # EMA at the accumulation boundary, from the student the optimizer just updated (its
         # partition under ZeRO-3: each rank updates only its own slice of the teacher).
         decay = self.teacher.update(self.model.encoder, self.step)
-        return torch.stack(losses).mean(), stats, data_s, decay
+        return torch.stack(losses).mean(), stats, data_s, decay, True
 
     # ------------------------------------------------------------------------------ the loop
     def train(self) -> None:
@@ -226,14 +242,17 @@ class Trainer:
         window = _Window()
         while self.step < cfg.steps:
             t0 = time.perf_counter()
-            loss, stats, data_s, decay = self.train_step()
-            window.add(loss, time.perf_counter() - t0, data_s)
+            loss, stats, data_s, decay, applied = self.train_step()
+            window.add(loss, time.perf_counter() - t0, data_s, applied)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics, read, bad = self._metrics(window, stats, decay)
                 self.logger.log(metrics)
                 window = _Window()
                 self._check_bad_samples(read, bad)
+                self._check_collapse(metrics)
+            if self.skips.record(applied):
+                raise self._diverged()
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
         bar.close()
@@ -247,7 +266,10 @@ class Trainer:
         One all-reduce per logging interval: loss and spreads are averaged over the ranks, sample
         counts summed. `.tolist()` is the interval's one device sync point.
         """
-        local = torch.stack([window.loss_sum / window.steps, masked_std(stats["target"]),
+        # The mean over the interval's applied steps: a skipped step's loss is not finite.
+        loss = (window.loss_sum / window.applied if window.applied
+                else torch.full((), math.nan, device=self.device))
+        local = torch.stack([loss, masked_std(stats["target"]),
                              masked_std(stats["pred"]),
                              std_across_samples(stats["target"], stats["mask"])]).double()
         counts = torch.tensor([self.data.samples_read, self.data.bad_samples], dtype=torch.float64,
@@ -270,6 +292,7 @@ class Trainer:
             "step_ms": 1000 * window.seconds / window.steps,
             "data_ms": 1000 * window.data_seconds / window.steps,
             "bad_samples": int(total[5]),   # running count over the run, all ranks
+            "skipped_steps": self.engine.skipped_steps,   # running count over the run (in checkpoints)
             "clones": self.model.clones,    # masked copies per sample (samples_per_s counts samples)
         }
         return metrics, int(total[4]), int(total[5])
@@ -281,19 +304,40 @@ class Trainer:
                             f"not be decoded, more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}; "
                             f"fix or remove the bad files (the log names their shards and keys).")
 
+    def _diverged(self) -> UserError:
+        """The stop sentence once more than `train.max_skipped_steps` steps in a row were skipped."""
+        latest = _read_latest(self.ckpt_dir)
+        last = (f"the last good checkpoint is {self.ckpt_dir / latest}" if latest else
+                "no checkpoint was written before it")
+        return UserError(f"step {self.step}: the loss or a gradient was not finite on {self.skips.in_a_row} "
+                         f"steps in a row, more than train.max_skipped_steps={self.skips.limit}, so the run "
+                         f"stops; {last}.")
+
+    def _check_collapse(self, metrics: dict[str, float]) -> None:
+        """One warning line (rank 0) when the targets have collapsed; with train.stop_on_collapse, the stop."""
+        message = self.collapse.check(metrics)
+        if message is None:
+            return
+        if self.cfg.train.stop_on_collapse:
+            raise UserError(f"{message}, and train.stop_on_collapse=true stops the run; the teacher's "
+                            f"targets no longer tell the inputs apart.")
+        if self.rank == 0:
+            tqdm.write(f"warning: {message}; the teacher's targets no longer tell the inputs apart "
+                       f"(train.stop_on_collapse=true would stop the run).")
+
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         """DeepSpeed's checkpoint plus the teacher, the step, the data position and all RNG states.
 
         Complete or absent: every rank writes under a new tag, and only once all have finished
         does rank 0 write the tag's `d2v.json` and atomically point `latest` at it. A run killed
-        mid-save leaves `latest` on the previous checkpoint.
+        mid-save leaves `latest` on the previous checkpoint. A write that fails (a full or
+        read-only disk: every OSError) stops the run with one sentence; rank 0 removes the partial
+        tag, and `latest` and the checkpoint it names are left as they were. (With several ranks,
+        a rank that fails exits and the launcher stops the others; the partial tag then goes at
+        the next save.)
         """
-        tag = f"step{self.step:08d}"
-        if self.rank == 0 and (self.ckpt_dir / tag).exists():
-            # An unpublished leftover of a killed run. No rank writes before the all-gather below,
-            # which rank 0 joins only after this.
-            shutil.rmtree(self.ckpt_dir / tag)
+        tag = _tag(self.step)
         client_state = {
             "step": self.step,
             # every rank's reader position, in rank order: ranks skip different bad samples
@@ -301,7 +345,28 @@ class Trainer:
             "teacher": self.teacher.state_dict(),          # this rank's slices under ZeRO-3
             "teacher_shapes": self.teacher.shapes,         # None unless sliced
             "rng": distributed.all_gather_objects(rng_state()),   # every rank's, in rank order
+            "guards": {"skipped_in_a_row": self.skips.in_a_row, "collapse": self.collapse.state_dict()},
         }
+        try:
+            self._write_checkpoint(tag, client_state)
+        except OSError as err:
+            if self.rank == 0:
+                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+            latest = _read_latest(self.ckpt_dir)
+            kept = f"`latest` still names {latest}, intact" if latest else "no earlier checkpoint exists"
+            raise UserError(f"could not write checkpoint {tag} in {self.ckpt_dir} ({err.strerror or err}); "
+                            f"{kept}: free space there or choose another run.dir, then resume with "
+                            f"run.resume=true.") from None
+        if self.rank == 0:
+            _prune_checkpoints(self.ckpt_dir, tag, self.cfg.train.keep_checkpoints)
+        self.saved_step = self.step
+
+    def _write_checkpoint(self, tag: str, client_state: dict[str, Any]) -> None:
+        """Write and publish `tag`; raises OSError when a write fails (`distributed.save_whole`)."""
+        if self.rank == 0 and (self.ckpt_dir / tag).exists():
+            # An unpublished leftover of a killed run. No rank writes before the barrier that
+            # opens DeepSpeed's save, which rank 0 joins only after this.
+            shutil.rmtree(self.ckpt_dir / tag)
         # save_checkpoint ends with a barrier: past it, every rank's files are written.
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         if self.rank == 0:
@@ -309,11 +374,13 @@ class Trainer:
                     "precision": self.cfg.ds.precision, "model": self.cfg.model.name}
             (self.ckpt_dir / tag / CHECKPOINT_META).write_text(json.dumps(meta) + "\n")
             _write_atomic(self.ckpt_dir / "latest", tag)
-            _prune_checkpoints(self.ckpt_dir, tag, self.cfg.train.keep_checkpoints)
-        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
-        """Continue from the newest checkpoint in `run.dir`; a fresh start when there is none."""
+        """Continue from the newest checkpoint in `run.dir`; a fresh start when there is none.
+
+        DeepSpeed's loader unpickles with weights_only=False: resuming trusts the run directory
+        (the readers for eval and export do not; see `safe_load`).
+        """
         latest = self.ckpt_dir / "latest"
         if not latest.is_file():
             if self.rank == 0:
@@ -327,6 +394,9 @@ class Trainer:
                             f"remove it or start a new run.dir.")
         self.step = self.saved_step = client["step"]
         self.teacher.load_state_dict(client["teacher"])
+        if "guards" in client:   # checkpoints before the guards lack it
+            self.skips.in_a_row = client["guards"]["skipped_in_a_row"]
+            self.collapse.load_state_dict(client["guards"]["collapse"])
         position = client["data"]
         if isinstance(position, list):  # checkpoints before per-rank positions hold one dict
             position = position[self.rank]
@@ -350,7 +420,8 @@ class Trainer:
                 f"checkpoint {tag} was written by {saved[0]} rank(s) with ZeRO-{saved[1]} in {saved[2]}, "
                 f"but this run has {here[0]} rank(s) with ZeRO-{here[1]} in {here[2]}; resume with the "
                 f"same setting, or export the weights (`d2v export --run {self.run_dir} --out "
-                f"weights.pt`) and start a new run.dir from them with run.init_from=weights.pt.")
+                f"weights.safetensors`) and start a new run.dir from them with "
+                f"run.init_from=weights.safetensors.")
         return meta
 
     def close(self) -> None:
@@ -365,36 +436,61 @@ class Trainer:
                 tqdm.write(f"warning: could not draw {self.run_dir / 'plots'}: {err}")
 
 
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, or None when there is none (or it cannot be read)."""
+    try:
+        return (ckpt_dir / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old content or the new, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):   # a read-only disk refuses the clean-up as well
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _prune_checkpoints(ckpt_dir: Path, published: str, keep: int) -> None:
-    """Keep the newest `keep` checkpoints up to `published`; drop older ones and unpublished newer ones."""
+    """Keep the newest `keep` complete checkpoints up to `published`, which is always one of them.
+
+    Complete means with its `d2v.json`; the others (older or newer) are leftovers of saves that
+    were killed or failed, and go as well.
+    """
     tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
-    older = [t for t in tags if t <= published]
-    stale = [t for t in tags if t > published] + older[:-keep]
-    for tag in stale:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    complete = [t for t in tags if t <= published and (ckpt_dir / t / CHECKPOINT_META).is_file()]
+    kept = set(complete[-keep:]) | {published}
+    for tag in tags:
+        if tag not in kept:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
 @dataclasses.dataclass
 class _Window:
     """Sums over the steps since the last metrics line."""
 
-    loss_sum: Tensor | float = 0.0
+    loss_sum: Tensor | float = 0.0   # over the applied steps
+    applied: int = 0
     steps: int = 0
     seconds: float = 0.0
     data_seconds: float = 0.0
 
-    def add(self, loss: Tensor, seconds: float, data_seconds: float) -> None:
-        self.loss_sum = self.loss_sum + loss
+    def add(self, loss: Tensor, seconds: float, data_seconds: float, applied: bool = True) -> None:
+        if applied:
+            self.loss_sum = self.loss_sum + loss
+            self.applied += 1
         self.steps += 1
         self.seconds += seconds
         self.data_seconds += data_seconds

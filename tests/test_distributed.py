@@ -8,7 +8,8 @@ every step, checkpoints at steps 6 and 12), so loss curves compare step by step:
   same losses for steps 7-12 as the uninterrupted run (1e-5 relative);
 - the ZeRO-3 teacher's bytes per rank halve from one rank to two;
 - `d2v export` gathers the ZeRO-3 run's weights, and a one-rank run starts from them;
-- data2vec 2.0 (debug_image_v2) on two ranks under ZeRO-3 in bf16 tracks its one-rank fp32 curve.
+- data2vec 2.0 (debug_image_v2) on two ranks under ZeRO-3 in bf16 tracks its one-rank fp32 curve;
+- a NaN on one rank only: both ranks skip the step, and both stop on the same one.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import pytest
 import torch
 
 from d2v_engine import distributed
+from d2v_engine.export import read_export
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
@@ -36,9 +38,11 @@ FP32_REL, BF16_REL = 1e-5, 5e-3
 
 # Run as a script under the launcher: SIGKILL this rank on its second file of one checkpoint tag,
 # i.e. in the middle of DeepSpeed's save (its first file is complete, the others are not written).
+# `distributed.save_whole` writes each of DeepSpeed's checkpoint files.
 KILL_DURING_SAVE = """
-import os, runpy, signal, sys, torch
-real_save, calls = torch.save, []
+import os, runpy, signal, sys
+from d2v_engine import distributed
+real_save, calls = distributed.save_whole, []
 
 def save(obj, path, *args, **kwargs):
     if {tag!r} in str(path) and os.environ.get("RANK") == "0":
@@ -47,7 +51,24 @@ def save(obj, path, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, path, *args, **kwargs)
 
-torch.save = save
+distributed.save_whole = save
+sys.argv[0] = {pretrain!r}
+runpy.run_path({pretrain!r}, run_name="__main__")
+"""
+
+# Run as a script under the launcher: a NaN in rank 1's inputs on optimizer steps 3 and 4.
+NAN_ON_RANK_1 = """
+import os, runpy, sys
+from d2v_engine.trainer import Trainer
+to_device = Trainer._to_device
+
+def nan_input(self, batch):
+    batch = to_device(self, batch)
+    if self.rank == 1 and self.step + 1 in (3, 4):
+        batch["images"].view(-1)[0] = float("nan")
+    return batch
+
+Trainer._to_device = nan_input
 sys.argv[0] = {pretrain!r}
 runpy.run_path({pretrain!r}, run_name="__main__")
 """
@@ -173,10 +194,10 @@ def test_export_then_start_another_world_size_from_it(images, one_rank, zero3, t
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "2 rank(s)" in refused.stderr and "run.init_from=" in refused.stderr
 
-    out = tmp_path / "weights.pt"
+    out = tmp_path / "weights.safetensors"
     assert d2v(["export", "--run", str(zero3[0]), "--out", str(out)]) == 0
-    d2v(["export", "--run", str(one_rank), "--out", str(tmp_path / "one.pt")])
-    got, ref = torch.load(out, weights_only=False), torch.load(tmp_path / "one.pt", weights_only=False)
+    d2v(["export", "--run", str(one_rank), "--out", str(tmp_path / "one.safetensors")])
+    got, ref = read_export(out), read_export(tmp_path / "one.safetensors")
     assert got["step"] == 12 and got["world_size"] == 2 and got["zero_stage"] == 3
     for part in ("student", "head", "teacher"):
         assert got[part].keys() == ref[part].keys()
@@ -200,6 +221,23 @@ def test_v2_two_ranks_zero3_bf16_track_the_one_rank_curve(images, tmp_path):
               *common, config="debug_image_v2.yaml"))
     assert_same_curve(losses(two), losses(one), BF16_REL)
     assert (two / "checkpoints" / "latest").read_text() == "step00000012"
+
+
+def test_a_nan_on_one_rank_is_skipped_on_both(images, tmp_path):
+    """Rank 1's loss is NaN on steps 3 and 4, rank 0's finite: the gradients summed over the ranks are
+    NaN on both, so both skip step 3 (counted in rank 0's metrics) and both stop at step 4."""
+    run, driver = tmp_path / "run", tmp_path / "nan_on_rank_1.py"
+    driver.write_text(NAN_ON_RANK_1.format(pretrain=str(PRETRAIN)))
+    proc = launch(run, images, "train.save_every=2", "train.max_skipped_steps=1", script=driver)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
+    # One per rank, the same sentence (the launcher may stop a rank before it prints its own).
+    assert 1 <= len(errors) <= 2, proc.stderr[-3000:]
+    assert all(e.startswith("pretrain: error: step 4: the loss or a gradient was not finite on 2 steps")
+               and e.endswith(f"the last good checkpoint is {run / 'checkpoints' / 'step00000002'}.")
+               for e in errors), errors
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2)]
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):

@@ -308,12 +308,12 @@ def test_hf_import_refusals_are_one_sentence(case, data_root, tmp_path, capsys):
         config, overrides = "debug_text.yaml", [f"data.path={data_root / 'text-corpus' / 'train'}"]
     capsys.readouterr()
     code = cli.main(["hf-import", "--hf-dir", str(folder), "--config", str(ROOT / "configs" / config),
-                     "--out", str(tmp_path / "init.pt"), *overrides])
+                     "--out", str(tmp_path / "init.safetensors"), *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("d2v: error:")
     assert {"not_a_folder": "no config.json", "wrong_modality": "holds an audio model",
             "wrong_shape": "dim: 48 vs 64", "wrong_vocab": "300 token embeddings"}[case] in err[0]
-    assert not (tmp_path / "init.pt").exists()
+    assert not (tmp_path / "init.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
@@ -325,10 +325,10 @@ def imported_run(data_root, tmp_path_factory):
     hf_model = random_hf_model("image", hf.hf_config_from_spec(get_spec("image_debug")))
     hf_model.save_pretrained(folder / "hf")
     assert cli.main(["hf-import", "--hf-dir", str(folder / "hf"), "--config",
-                     str(ROOT / "configs" / "debug_image.yaml"), "--out", str(folder / "init.pt")]) == 0
+                     str(ROOT / "configs" / "debug_image.yaml"), "--out", str(folder / "init.safetensors")]) == 0
     cfg = load_config(ROOT / "configs" / "debug_image.yaml", [
         f"data.path={data_root / 'fashion-mnist' / 'train'}", f"run.dir={folder / 'run'}",
-        f"run.init_from={folder / 'init.pt'}", "train.steps=6", "train.warmup_steps=2", "train.log_every=3",
+        f"run.init_from={folder / 'init.safetensors'}", "train.steps=6", "train.warmup_steps=2", "train.log_every=3",
         "train.progress=false", "data.num_workers=0"])
     threads = torch.get_num_threads()
     # The trainer fills in a one-rank launcher environment; later tests' subprocesses must not inherit

@@ -52,6 +52,8 @@ def test_debug_config_trains(modality, version, data_root, tmp_path):
     assert last < 0.9 * first, [r["loss"] for r in records]
     assert records[-1]["target_var"] > 0.1          # the targets did not collapse
     assert records[-1]["target_sample_var"] > 0.1   # ... not even onto their positions
+    assert "collapsed" not in proc.stdout            # the watchdog's defaults stay quiet on a healthy run
+    assert all(r["skipped_steps"] == 0 for r in records)
     assert records[-1]["clones"] == (4 if version else 1)
     assert all(r["grad_norm"] == r["grad_norm"] for r in records)   # measured, not NaN
     assert "step 40/40 | loss" in proc.stdout       # the fixed-format metrics line

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from d2v_engine import cli
 from d2v_engine.eval import EvalOptions, evaluate
+from d2v_engine.export import read_export
 from tests.test_pretrain import assert_ok, metrics, pretrain
 
 
@@ -18,9 +18,9 @@ def v2_run(data_root, tmp_path_factory):
 
 
 def test_export_holds_the_decoder_and_starts_runs_of_either_version(v2_run, data_root, tmp_path):
-    out = tmp_path / "w.pt"
+    out = tmp_path / "w.safetensors"
     assert cli.main(["export", "--run", str(v2_run), "--out", str(out)]) == 0
-    exported = torch.load(out, weights_only=False)
+    exported = read_export(out)
     assert exported["head"] == {} and any(k.startswith("blocks.0.conv") for k in exported["decoder"])
     assert "embeddings.position_embeddings" not in exported["student"]    # a fixed table, not saved
 

@@ -1,9 +1,11 @@
 """`d2v hf-import` and `d2v hf-export`: Hugging Face folders <-> our weights files and runs.
 
 hf-import reads a folder that `transformers` wrote (`save_pretrained`), checks that the model fits
-the config's `model.name`, and writes a `d2v export` file (`export.EXPORT_FORMAT`) that a run starts
-from with `run.init_from=FILE`: the student and the teacher both start at the HF weights, the
-regression head (which HF models lack) at a fresh initialisation from the config's seed.
+the config's `model.name`, and writes a `d2v export` file (safetensors, `export.EXPORT_FORMAT`) that
+a run starts from with `run.init_from=FILE`: the student and the teacher both start at the HF
+weights, the regression head (which HF models lack) at a fresh initialisation from the config's
+seed. transformers reads the folder's weights without running code (safetensors, or a `.bin`
+unpickled weights only).
 
 hf-export gathers a run's fp32 weights (`export.consolidate`: any ZeRO stage, fp32 or bf16) and
 writes a folder that `transformers` loads with `from_pretrained`: `config.json` and
@@ -14,7 +16,6 @@ normalisation) or the run's tokenizer (`<s> ... </s>`, RoBERTa specials).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from torch import nn
 from d2v_engine.checkpoint import build_run_encoder, load_run_config, load_run_weights
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
-from d2v_engine.export import EXPORT_FORMAT
+from d2v_engine.export import EXPORT_FORMAT, save_export
 from d2v_engine.hf.spec import MODEL_TYPES, architecture_diff, require_transformers, spec_from_hf_config
 from d2v_engine.hf.weights import from_hf, to_hf
 from d2v_engine.models.registry import ModelSpec, get_spec, with_model_config
+from d2v_engine.safe_load import is_refusal, unsafe_error
 
 
 def quiet_transformers() -> None:
@@ -54,6 +56,9 @@ def load_hf_model(hf_dir: str | Path) -> nn.Module:
     try:
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     except Exception as err:  # a missing, truncated or mismatched weights file means the same to the user
+        if is_refusal(err):   # transformers unpickles a pytorch_model.bin weights only
+            raise unsafe_error(f"the Hugging Face model in '{hf_dir}'", err,
+                               "ask its source for a safetensors copy (model.safetensors)") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"the Hugging Face model in '{hf_dir}' cannot be loaded ({first}).") from None
     return model.eval()
@@ -132,16 +137,12 @@ def hf_import(hf_dir: str | Path, config: str | Path, out: str | Path,
     encoder = from_hf(hf_model, like=want)
     student = encoder.state_dict()
     # The teacher starts as the student's copy: every parameter it owns (not those shared via the
-    # input). The tensors are the student's, which torch.save stores once.
+    # input). The tensors are the student's; save_export writes them twice, as safetensors must.
     teacher = {n: p.detach() for n, p in encoder.named_parameters() if n.split(".")[0] not in encoder.teacher_exclude}
     exported = {"format": EXPORT_FORMAT, "model": cfg.model.name, "step": 0, "tag": "hf-import",
                 "world_size": 1, "zero_stage": 0, "config": cfg.to_dict(), "source": str(hf_dir),
                 "student": student, "head": _fresh_head(encoder.spec, cfg.seed), "teacher": teacher}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(exported, tmp)
-    os.replace(tmp, out)
+    save_export(exported, out)
     return {**exported, "notes": notes}
 
 
