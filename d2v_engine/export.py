@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v_engine.errors import UserError
-from d2v_engine.safe_load import client_state_types, load_file, unsafe_error, weights_only, zero_optimizer_types
+from d2v_engine.safe_load import (client_state_types, load_file, unreadable_error, unsafe_error, weights_only,
+                                  zero_optimizer_types)
 
 EXPORT_FORMAT = "d2v-export-2"
 """safetensors, the JSON header under the metadata key `d2v` (see the module docstring)."""
@@ -220,7 +221,7 @@ def _read_safetensors(path: Path, what: str, fix: str) -> dict[str, Any]:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
         exported = json.loads(header) if header is not None else {}
     except Exception as err:  # a truncated or corrupt header means the same to the user
-        raise UserError(f"{what} is not a readable weights file ({type(err).__name__}); {fix}.") from None
+        raise unreadable_error(what, err, fix) from None
     parts: dict[str, dict[str, Tensor]] = {part: {} for part in TENSOR_PARTS}
     for key, tensor in tensors.items():
         part, _, name = key.partition("/")

@@ -95,12 +95,15 @@ def load_file(path: str | Path, types: list[Any], what: str, fix: str) -> Any:
         with open(path, "rb") as f, torch.serialization.safe_globals(types):
             # A file object, not the path: torch would hand a path ending in .safetensors elsewhere.
             return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if is_refusal(err):
-            raise unsafe_error(what, err, fix) from None
-        raise UserError(f"{what} is not a readable weights file ({type(err).__name__}); {fix}.") from None
     except Exception as err:  # a truncated or foreign file means the same to the user
-        raise UserError(f"{what} is not a readable weights file ({type(err).__name__}); {fix}.") from None
+        if isinstance(err, pickle.UnpicklingError) and is_refusal(err):
+            raise unsafe_error(what, err, fix) from None
+        raise unreadable_error(what, err, fix) from None
+
+
+def unreadable_error(what: str, err: BaseException, fix: str) -> UserError:
+    """The one sentence for a file that is not a weights file at all (truncated, foreign, corrupt)."""
+    return UserError(f"{what} is not a readable weights file ({type(err).__name__}); {fix}.")
 
 
 def is_refusal(err: BaseException) -> bool:
