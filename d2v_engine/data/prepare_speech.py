@@ -77,7 +77,8 @@ def synthesize(job: tuple[str, str, int, int, int]) -> bytes | None:
     # sox resamples to raw 16-bit PCM on a pipe and soundfile encodes the FLAC in memory: sox's
     # own FLAC on a pipe cannot go back to put the sample count into the header.
     # -V1: espeak's streamed wav header has no length, which sox would otherwise warn about.
-    pcm = subprocess.run(["sox", "-V1", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1",
+    # -R: sox seeds its dither from the clock otherwise, and the same seed would not give the same clips.
+    pcm = subprocess.run(["sox", "-V1", "-R", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1",
                           "-b", "16", "-e", "signed-integer", "-t", "raw", "-"],
                          input=speech.stdout, capture_output=True)
     if pcm.returncode != 0 or len(pcm.stdout) < 2:
