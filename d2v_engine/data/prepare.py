@@ -2,11 +2,13 @@
 
 Every data set is written into a hidden temporary folder beside its destination and renamed into
 place only when all of its splits are complete, so a killed run never leaves a half set that looks
-finished, and a second run with the same options finds the complete set and does nothing.
+finished, and a second run with the same options finds the complete set and does nothing. A set that
+lacks a split added since it was built is built again (the seeded splits come out the same).
 
 - fashion-mnist: `OUT/fashion-mnist/{train,test}/` (60k + 10k grey 28x28 PNGs with `.cls` labels),
   from the IDX files of the `dataset-fashion-mnist` package.
-- spoken-words: `OUT/spoken-words/{train,probe_train,probe_test}/` (`prepare_speech`).
+- spoken-words: `OUT/spoken-words/{train,probe_train,probe_test,ctc_train,ctc_test}/`
+  (`prepare_speech`).
 - text-corpus: `OUT/text-corpus/{train,probe_train,probe_test}/` + `tokenizer.json` (`prepare_text`).
 """
 from __future__ import annotations
@@ -113,13 +115,13 @@ def prepare_fashion_mnist(out: Path, opts: PrepareOptions) -> dict[str, int]:
 
 def _builders() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
     """name -> (builder, split folders, other files the finished set must hold)."""
-    from d2v_engine.data.prepare_speech import prepare_spoken_words
+    from d2v_engine.data.prepare_speech import SIZES, prepare_spoken_words
     from d2v_engine.data.prepare_text import prepare_text_corpus
 
     probes = ("train", "probe_train", "probe_test")
     return {
         "fashion-mnist": (prepare_fashion_mnist, ("train", "test"), ()),
-        "spoken-words": (prepare_spoken_words, probes, ()),
+        "spoken-words": (prepare_spoken_words, tuple(SIZES), ()),
         "text-corpus": (prepare_text_corpus, probes, ("tokenizer.json",)),
     }
 

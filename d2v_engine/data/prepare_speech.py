@@ -6,9 +6,13 @@ a voice, a speed (`-s`) and a pitch (`-p`). A seeded fifth of the voices is held
 - `train/`: unlabeled phrases of 2-5 words (command words and the digits), training voices only;
 - `probe_train/`: single digits "zero".."nine" with labels 0-9, training voices;
 - `probe_test/`: single digits with labels, held-out voices only (the probe measures how well
-  features carry over to speakers never heard in pretraining).
+  features carry over to speakers never heard in pretraining);
+- `ctc_train/`: new phrases of 2-5 words from the same words, training voices, each with its words as
+  a `.txt` transcript (about 80 minutes of audio, so that fine-tuning on 1 h never runs out);
+- `ctc_test/`: transcribed phrases, held-out voices only (WER and CER of the fine-tuned model).
 
-The voice split is recorded in every split's manifest.
+The words and voice of every clip ride along as `.json`. The voice split is recorded in every split's
+manifest.
 """
 from __future__ import annotations
 
@@ -32,8 +36,16 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "forward",
             "backward", "follow", "learn", "visual", "bed", "bird", "cat", "dog", "happy", "house",
             "tree", "wow", "open", "close", "start", "play", "pause", "next", "back", "help", "light")
-SIZES = {"train": 12000, "probe_train": 3000, "probe_test": 2000}
-"""Clips per split of the full set: about a minute and a half of synthesis on two idle cores."""
+SIZES = {"train": 12000, "probe_train": 3000, "probe_test": 2000, "ctc_train": 3000, "ctc_test": 600}
+"""Clips per split of the full set: about two minutes of synthesis on two idle cores. A split's place
+here seeds its random stream: new splits go at the end, so that the others stay byte-identical.
+Phrases last 1.6 s on average, so ctc_train holds about 80 minutes."""
+PHRASE_SPLITS = ("train", "ctc_train", "ctc_test")
+"""Splits of 2-5 word phrases (the others hold one digit each)."""
+HELD_OUT_SPLITS = ("probe_test", "ctc_test")
+"""Splits spoken by the held-out voices only."""
+TRANSCRIBED_SPLITS = ("ctc_train", "ctc_test")
+"""Splits whose clips carry their words as a `.txt` transcript."""
 HELD_OUT = 0.2
 """Fraction of the voices kept out of pretraining and probe training."""
 SAMPLE_RATE = 16000
@@ -93,7 +105,7 @@ def make_jobs(split: str, n: int, voices: list[str], rng: np.random.Generator) -
     """The clips of one split: (text, label, espeak job) with random accent, voice, speed, pitch.
 
     Args:
-        split: "train" (phrases, label -1) or a probe split (one digit, label 0-9).
+        split: one of PHRASE_SPLITS (phrases, label -1) or a probe split (one digit, label 0-9).
         n: number of clips.
         voices: the variants this split may use.
     Returns:
@@ -102,7 +114,7 @@ def make_jobs(split: str, n: int, voices: list[str], rng: np.random.Generator) -
     words = COMMANDS + DIGITS
     jobs = []
     for _ in range(n):
-        if split == "train":
+        if split in PHRASE_SPLITS:
             text = " ".join(words[i] for i in rng.integers(0, len(words), int(rng.integers(2, 6))))
             label = -1
         else:
@@ -115,7 +127,7 @@ def make_jobs(split: str, n: int, voices: list[str], rng: np.random.Generator) -
 
 
 def prepare_spoken_words(out: Path, opts) -> dict[str, int]:
-    """Write the three splits of spoken-words under `out`.
+    """Write the five splits of spoken-words under `out`.
 
     Args:
         out: the data set's (temporary) folder.
@@ -131,14 +143,19 @@ def prepare_spoken_words(out: Path, opts) -> dict[str, int]:
     with Pool(opts.num_workers()) as pool:
         for k, (split, size) in enumerate(SIZES.items()):
             rng = np.random.default_rng([opts.seed, k])
-            voices = heldout if split == "probe_test" else train_voices
+            voices = heldout if split in HELD_OUT_SPLITS else train_voices
             jobs = make_jobs(split, opts.cap(size), voices, rng)
-            counts[split] = _write_split(out / split, jobs, pool, opts, {**extra, "split": split})
+            counts[split] = _write_split(out / split, jobs, pool, opts, {**extra, "split": split},
+                                         transcribed=split in TRANSCRIBED_SPLITS)
     return counts
 
 
-def _write_split(folder: Path, jobs: list[tuple], pool, opts, extra: dict) -> int:
-    """Synthesise `jobs` in the pool (order kept) and write them as shards; failures are skipped."""
+def _write_split(folder: Path, jobs: list[tuple], pool, opts, extra: dict, transcribed: bool) -> int:
+    """Synthesise `jobs` in the pool (order kept) and write them as shards; failures are skipped.
+
+    `transcribed` adds each clip's words as `.txt` (`data.transcripts`; the audio payload decides the
+    modality, so the clips still pretrain as audio).
+    """
     failed = 0
     with ShardSetWriter(folder, modality="audio", shard_size=opts.shard_size, extra=extra) as writer:
         clips = pool.imap(synthesize, [job for _, _, job in jobs], chunksize=16)
@@ -146,11 +163,12 @@ def _write_split(folder: Path, jobs: list[tuple], pool, opts, extra: dict) -> in
             if flac is None:
                 failed += 1
                 continue
-            # The words and voice ride along as JSON (not `.txt`, which would mark a text sample).
             meta = {"text": text, "voice": job[1], "speed": job[2], "pitch": job[3], "gap": job[4]}
             fields = {"flac": flac, "json": json.dumps(meta)}
             if label >= 0:
                 fields["cls"] = label
+            if transcribed:
+                fields["txt"] = text
             writer.write(f"{i:06d}", **fields)
         writer.extra["failed"] = failed
     return len(jobs) - failed

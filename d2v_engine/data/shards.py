@@ -1,12 +1,13 @@
 """WebDataset tar shards: writing them, their `manifest.json`, and finding them again.
 
-A shard set is a folder of `shard-000000.tar`, `shard-000001.tar`, ... whose members are
-`KEY.EXT` files (`KEY.png` + `KEY.cls`, `KEY.flac` + `KEY.cls`, `KEY.txt` + `KEY.cls`), a
-`shard-NNNNNN.idx` beside each shard (the index DALI's `fn.readers.webdataset` takes, in the format
-of DALI's `wds2idx`), plus a `manifest.json` that records the sample count of every shard, the total,
-the modality and the extensions. The manifest is written last, so a folder whose manifest says
-`complete` was finished. Readers never need the manifest or the `.idx` files (users bring their own
-shards); the manifest serves `d2v prepare`'s idempotence and tells people what a folder holds.
+A shard set is a folder of `shard-000000.tar`, `shard-000001.tar`, ... whose members are `KEY.EXT` files
+(`KEY.png` + `KEY.cls`, `KEY.flac` + `KEY.cls`, `KEY.txt` + `KEY.cls`, or `KEY.flac` + `KEY.txt` for a
+clip with its transcript), a `shard-NNNNNN.idx` beside each shard (the index DALI's
+`fn.readers.webdataset` takes, in the format of DALI's `wds2idx`), plus a `manifest.json` that records
+the sample count of every shard, the total, the modality and the extensions. The manifest is written
+last, so a folder whose manifest says `complete` was finished. Readers never need the manifest or the
+`.idx` files (users bring their own shards); the manifest serves `d2v prepare`'s idempotence and tells
+people what a folder holds.
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
     "audio": ("flac", "wav", "ogg"),
     "text": ("txt",),
 }
-"""The payload extensions of each modality (labels ride along as `.cls`)."""
+"""The payload extensions of each modality, in order of precedence (labels ride along as `.cls`;
+a `.txt` beside an image or a clip is its caption or transcript, not a text sample)."""
 
 # Fixed tar mtime, so that the same inputs give byte-identical shards.
 _MTIME = 1_700_000_000
 
 
 def modality_of(extensions) -> str | None:
-    """The modality whose payload extension appears among `extensions`, or None.
+    """The first modality of EXTENSIONS whose payload extension appears among `extensions`, or None.
+
+    Image and audio come before text: `{"flac", "txt"}` is a transcribed clip, so "audio".
 
     Args:
         extensions: iterable of extensions without the dot, e.g. `{"png", "cls"}`.
