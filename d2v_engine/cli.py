@@ -238,11 +238,32 @@ def _run_hf_export(args) -> int:
     return 0
 
 
+def _add_finetune(subparsers) -> None:
+    from d2v_engine.finetune import add_arguments
+
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a run's encoder on a labelled task, beside random init",
+        description="Fine-tune a pretraining run's encoder with a task head (classification or CTC) on "
+                    "the task's labels, optionally also from random init (--compare random-init), and "
+                    "write RUN/finetune/finetune.json, the curve and the fine-tuned weights. Several "
+                    "ranks: `deepspeed d2v_engine/finetune.py --run ... --task ...`.")
+    add_arguments(p)
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from d2v_engine.finetune import options, run_finetune
+
+    run_finetune(args.run_dir, options(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `d2v` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec engine tools.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prepare, _add_shards, _add_eval, _add_profile, _add_export, _add_hf_import, _add_hf_export):
+    for add in (_add_prepare, _add_shards, _add_eval, _add_profile, _add_export, _add_hf_import, _add_hf_export,
+                _add_finetune):
         add(subparsers)
     return parser
 

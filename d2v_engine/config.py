@@ -207,6 +207,63 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`d2v finetune`: the task head, its data budget and the recipe around the pretrained encoder."""
+
+    task: str = ""
+    """The task (`d2v_engine.tasks.TASKS`, or `custom`); set by `d2v finetune --task`."""
+    labels: float = 0
+    """Labelled training samples: a count (>= 1), a fraction of the task's set (< 1), or 0 = all."""
+    label_seconds: float = 0
+    """CTC: labelled audio in seconds, read in order until it is spent (600 = 10 min); 0 = all."""
+    head: Literal["mean", "first"] = "mean"
+    """Classification input: the mean over valid positions (then LayerNorm) or the first token
+    (`<s>`, RoBERTa's dense-tanh head); CTC reads every frame."""
+    head_dropout: float = 0.0
+    """Dropout before the head's output layer."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay: block i of L trains at lr x layer_decay^(L - i), the embeddings at
+    layer_decay^(L + 1), the head at lr; 1 = one lr for all."""
+    label_smoothing: float = 0.0
+    """Classification: label smoothing of the cross-entropy."""
+    mixup: float = 0.0
+    """Images: mixup alpha (Beta(alpha, alpha) mixing weights); 0 = off."""
+    cutmix: float = 0.0
+    """Images: cutmix alpha; 0 = off. With both on, each batch picks one at random (50/50)."""
+    crop_scale: float = 1.0
+    """Images: random-resized-crop smallest area fraction; 1 = no crop."""
+    flip: bool = False
+    """Images: random horizontal flips."""
+    schedule: Literal["cosine", "poly", "tri_stage"] = "cosine"
+    """Learning-rate shape after `train.warmup_steps`: cosine to `train.min_lr_ratio`, linear
+    (polynomial, power 1) decay to 0, or fairseq's tri-stage (warm-up, hold, exponential decay)."""
+    tri_stage: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    """tri_stage: fractions of the steps spent warming up, holding and decaying."""
+    final_lr_scale: float = 0.05
+    """tri_stage: lr at the end, as a fraction of `train.lr`."""
+    freeze_steps: int = 0
+    """Updates during which only the head trains (the encoder is frozen, fairseq's
+    `freeze_finetune_updates`)."""
+    freeze_feature_extractor: bool = True
+    """Audio: keep the CNN front-end frozen for the whole run."""
+    mask_time_prob: float = 0.0
+    """Audio: span masking of frames during fine-tuning (the model's mask embedding), as
+    `mask.prob`; 0 = off."""
+    mask_time_length: int = 10
+    """Audio: frames per time-mask span."""
+    mask_channel_prob: float = 0.0
+    """Audio: probability of zeroing channel spans of the features; 0 = off."""
+    mask_channel_length: int = 64
+    """Audio: channels per channel-mask span."""
+    eval_every: int = 0
+    """Steps between test-set evaluations (the curve); 0 = only at the end."""
+    eval_batch_size: int = 256
+    """Samples per forward pass when evaluating."""
+    test_limit: int = 0
+    """Most test samples scored (the first ones); 0 = all."""
+
+
+@dataclass
 class DSConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage, 0-3."""
@@ -246,6 +303,7 @@ class Config:
     ds: DSConfig = field(default_factory=DSConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def modality(self) -> str:
@@ -382,11 +440,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `section.key=value` overrides, validated.
+def load_config(path: str | Path | list[str | Path] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file(s) <- `section.key=value` overrides, validated.
 
     Args:
-        path: a YAML file whose top level mirrors the sections of `Config`; None = defaults only.
+        path: a YAML file whose top level mirrors the sections of `Config`, or a list of them applied
+            in order (`d2v finetune`: the run's config.yaml, then the fine-tuning recipe); None =
+            defaults only.
         overrides: command-line items such as `train.steps=60`.
     Returns:
         The validated `Config`.
@@ -394,22 +455,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         UserError: unknown key, wrong type, bad value, missing or unreadable file.
     """
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file '{path}' does not exist; pass one of the files in configs/.")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]}).") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"config file '{path}' must hold a mapping of sections.")
-        for key, value in _flatten(tree, str(path)).items():
+    paths = [] if path is None else path if isinstance(path, list) else [path]
+    for one in paths:
+        for key, value in _flatten(_read_tree(Path(one)), str(one)).items():
             _set(cfg, key, value)
     for item in overrides:
         _set(cfg, *parse_override(item))
     validate(cfg)
     return cfg
+
+
+def _read_tree(path: Path) -> dict[str, Any]:
+    """A config file's mapping of sections."""
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist; pass one of the files in configs/.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]}).") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of sections.")
+    return tree
 
 
 def validate(cfg: Config) -> None:
@@ -463,6 +529,19 @@ def validate(cfg: Config) -> None:
         (0 < cfg.data.crop_scale <= 1, "data.crop_scale must lie in (0, 1]"),
         (bool(cfg.data.path), "data.path is empty; point it at a folder of .tar shards (see `d2v prepare`)"),
         (bool(cfg.run.dir), "run.dir is empty; name a folder for the run"),
+        (cfg.finetune.labels >= 0 and cfg.finetune.label_seconds >= 0,
+         "finetune.labels and finetune.label_seconds must be 0 (all) or positive"),
+        (cfg.finetune.layer_decay > 0, "finetune.layer_decay must be positive (1 = off)"),
+        (0 <= cfg.finetune.label_smoothing < 1, "finetune.label_smoothing must lie in [0, 1)"),
+        (min(cfg.finetune.mixup, cfg.finetune.cutmix) >= 0, "finetune.mixup and finetune.cutmix must be 0 (off) or positive"),
+        (0 < cfg.finetune.crop_scale <= 1, "finetune.crop_scale must lie in (0, 1]"),
+        (len(cfg.finetune.tri_stage) == 3 and all(f >= 0 for f in cfg.finetune.tri_stage)
+         and abs(sum(cfg.finetune.tri_stage) - 1) < 1e-6, "finetune.tri_stage must be three fractions summing to 1"),
+        (0 <= cfg.finetune.head_dropout < 1, "finetune.head_dropout must lie in [0, 1)"),
+        (cfg.finetune.freeze_steps >= 0 and cfg.finetune.eval_every >= 0 and cfg.finetune.test_limit >= 0,
+         "finetune.freeze_steps, finetune.eval_every and finetune.test_limit must be 0 or positive"),
+        (0 <= cfg.finetune.mask_time_prob < 1 and 0 <= cfg.finetune.mask_channel_prob < 1,
+         "finetune.mask_time_prob and finetune.mask_channel_prob must lie in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

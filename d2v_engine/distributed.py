@@ -162,15 +162,18 @@ class FiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """torch's fused AdamW (fused kernels on CPU and GPU; apex is not needed).
+def build_optimizer(model: nn.Module, cfg: Config, groups: list[dict[str, Any]] | None = None
+                    ) -> torch.optim.Optimizer:
+    """torch's fused AdamW (fused kernels on CPU and GPU; apex is not needed), on `groups` if given
+    (else `param_groups`).
 
     Under ZeRO-0 in fp32 it is `FiniteAdamW`; elsewhere DeepSpeed's wrapper checks the gradients
     before the inner step, and a second check would cost a second sync point per step.
     """
     t = cfg.train
     cls = FiniteAdamW if cfg.ds.zero_stage == 0 and cfg.ds.precision == "fp32" else torch.optim.AdamW
-    return cls(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
+    groups = param_groups(model, t.weight_decay) if groups is None else groups
+    return cls(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -187,8 +190,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
 
 
 # ------------------------------------------------------------------------------ engines
-def build_engine(model: nn.Module, cfg: Config, world_size: int):
+def build_engine(model: nn.Module, cfg: Config, world_size: int, optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: Any = None):
     """`deepspeed.initialize` on our optimizer and schedule; returns (engine, ds_config).
+
+    `optimizer` and `scheduler` replace pretraining's (`build_optimizer`, `build_scheduler`), as
+    fine-tuning's per-layer groups and schedules do.
 
     Under ZeRO-3 the engine partitions the (fully built, identically seeded) model over the ranks
     here; every rank built the same weights, so no rank's copy is special.
@@ -197,9 +204,11 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int):
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     ds_config = build_ds_config(cfg, world_size)
-    optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config)
+    if optimizer is None:
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
     writer = engine.checkpoint_engine
     if isinstance(writer, TorchCheckpointEngine):
         # The default writer: torch.save on a path, which hides why a write failed (`save_whole`).

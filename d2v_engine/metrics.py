@@ -44,8 +44,11 @@ def git_record() -> str:
 class MetricsLogger:
     """Writes metrics to stdout, `metrics.jsonl` and TensorBoard in `run_dir` (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool = True, echo=print):
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool = True, echo=print,
+                 fields: tuple[str, ...] = FIELDS, formatter=format_line):
+        """`fields` and `formatter` (record, total steps -> line) default to pretraining's."""
         self.run_dir, self.total_steps, self.enabled, self.echo = run_dir, total_steps, enabled, echo
+        self.fields, self.formatter = fields, formatter
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -56,17 +59,22 @@ class MetricsLogger:
     def log(self, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {k: metrics[k] for k in FIELDS}
-        record["step"] = int(record["step"])
-        record["bad_samples"] = int(record["bad_samples"])
-        record["skipped_steps"] = int(record["skipped_steps"])
-        record["clones"] = int(record["clones"])
-        self.echo(format_line(record, self.total_steps))
+        record = {k: metrics[k] for k in self.fields}
+        for key in ("step", "bad_samples", "skipped_steps", "clones"):
+            if key in record:
+                record[key] = int(record[key])
+        self.echo(self.formatter(record, self.total_steps))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        self.scalars(record, "train")
+
+    def scalars(self, record: dict[str, float], group: str) -> None:
+        """TensorBoard scalars `group/<key>` at `record["step"]` (fine-tuning's test figures: `test`)."""
+        if not self.enabled:
+            return
         for key, value in record.items():
             if key != "step":
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
+                self.writer.add_scalar(f"{group}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.enabled:
