@@ -170,11 +170,12 @@ def random_resized_crop(images: Tensor, generator: torch.Generator, min_scale: f
     B = images.shape[0]
     if min_scale >= 1 and not flip:
         return images
-    area = min_scale + (1 - min_scale) * torch.rand(B, generator=generator)
-    log_ratio = (torch.rand(B, generator=generator) * 2 - 1) * math.log(4 / 3)
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)
-    h = (area / ratio).sqrt().clamp(max=1.0)
+    if min_scale < 1:
+        area = min_scale + (1 - min_scale) * torch.rand(B, generator=generator)
+        ratio = ((torch.rand(B, generator=generator) * 2 - 1) * math.log(4 / 3)).exp()
+        w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    else:
+        w = h = torch.ones(B)
     cx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - w)
     cy = (torch.rand(B, generator=generator) * 2 - 1) * (1 - h)
     sign = torch.ones(B)
