@@ -5,12 +5,13 @@
     mix_images(images, targets, ...)                 mixup / cutmix with soft targets
     random_resized_crop(images, ...)                 a random crop per image, one batched resample
 
-Heads, laid out as the Hugging Face classes that `d2v hf-export --finetuned` writes:
-    image  mean over patch tokens -> LayerNorm -> Linear (Data2VecVisionForImageClassification with
-           mean pooling: `pooler.layernorm`, `classifier`)
-    text   `<s>` token -> dense -> tanh -> Linear (Data2VecTextClassificationHead), or the mean
-    audio  mean over valid frames -> LayerNorm -> Linear (keywords), or every frame -> Linear (CTC,
-           Data2VecAudioForCTC's `lm_head`)
+Heads, and the Hugging Face classes that `d2v hf-export --finetuned` writes (`hf.finetuned`):
+    image  mean over patch tokens -> LayerNorm -> Linear (not exported: the mean follows the
+           encoder's final LayerNorm, which Data2VecVisionForImageClassification's mean pooling drops)
+    text   `<s>` token -> dense -> tanh -> Linear (Data2VecTextClassificationHead), or the mean (not
+           exported)
+    audio  mean over valid frames -> LayerNorm -> Linear (keywords, not exported: HF's head has no
+           LayerNorm), or every frame -> Linear (CTC, Data2VecAudioForCTC's `lm_head`)
 """
 from __future__ import annotations
 
