@@ -220,8 +220,8 @@ def _add_hf_export(subparsers) -> None:
         description="Gather a checkpoint's fp32 weights (any ZeRO stage) into a folder that transformers "
                     "loads with from_pretrained: config, safetensors weights and the run's preprocessing "
                     "(image processor, audio feature extractor or tokenizer). With --finetuned, a "
-                    "fine-tuned model instead, as the task class (Data2VecTextForSequenceClassification, "
-                    "or Data2VecAudioForCTC with a Wav2Vec2Processor). Needs `pip install d2v_engine[hf]`.")
+                    "fine-tuned model instead, as the task class (Data2VecVisionForImageClassification, "
+                    "Data2VecTextForSequenceClassification, or Data2VecAudioForCTC with a Wav2Vec2Processor). Needs `pip install d2v_engine[hf]`.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", dest="run_dir", metavar="DIR", help="the run directory (its run.dir)")
     source.add_argument("--finetuned", metavar="DIR", help="a fine-tuning folder, RUN/finetune/TASK")

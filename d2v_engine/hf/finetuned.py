@@ -5,17 +5,20 @@ state of a `heads.FinetuneModel` (`encoder.*`, `head.*`) and metadata, the full 
 The export rebuilds the encoder from that config, names its weights as `d2v hf-export` does
 (`weights.hf_state_dict`) and the head as the task class does:
 
+    image                      Data2VecVisionForImageClassification   pooler.layernorm, classifier
+                               (use_mean_pooling=True)
     text, finetune.head=first  Data2VecTextForSequenceClassification  classifier.dense, classifier.out_proj
     audio, CTC                 Data2VecAudioForCTC                    lm_head
 
-The preprocessing is `d2v hf-export`'s: the run's tokenizer; for CTC a `Wav2Vec2Processor`, the
-feature extractor with a `Wav2Vec2CTCTokenizer` of the run's letters (`ctc.CharVocab`).
+The preprocessing is `d2v hf-export`'s: the image processor or the run's tokenizer; for CTC a
+`Wav2Vec2Processor`, the feature extractor with a `Wav2Vec2CTCTokenizer` of the run's letters
+(`ctc.CharVocab`).
 
-Heads that no Hugging Face class computes exactly are refused with one sentence: images (the mean
-is taken after the encoder's final LayerNorm, which the mean-pooling Hugging Face classifier drops),
-text heads over the mean of the tokens, and audio keyword heads (a LayerNorm after the mean, which
-`Data2VecAudioForSequenceClassification` lacks). Data2vec 2.0 image and audio models are refused as
-`d2v hf-export` refuses them.
+Heads that no Hugging Face class computes exactly are refused with one sentence: image models
+fine-tuned with the encoder's final LayerNorm before the mean (files written before the image head
+dropped it), text heads over the mean of the tokens, and audio keyword heads (a LayerNorm after the
+mean, which `Data2VecAudioForSequenceClassification` lacks). Data2vec 2.0 image and audio models
+are refused as `d2v hf-export` refuses them.
 """
 from __future__ import annotations
 
@@ -37,10 +40,15 @@ from d2v_engine.hf.weights import build_hf_model, hf_state_dict
 from d2v_engine.models.registry import ModelSpec, build_encoder
 from d2v_engine.safe_load import unreadable_error
 
-TASK_CLASSES = {("text", "classify"): "Data2VecTextForSequenceClassification", ("audio", "ctc"): "Data2VecAudioForCTC"}
-"""(modality, kind) -> the `transformers` class an export writes."""
-_HEAD_NAMES = {"dense.": "classifier.dense.", "out_proj.": "classifier.out_proj.", "linear.": "lm_head."}
-"""Our head's parameter prefixes (`head.` stripped) -> the task class's."""
+TASK_HEADS = {
+    ("image", "classify"): ("Data2VecVisionForImageClassification",
+                            {"norm.": "data2vec_vision.pooler.layernorm.", "linear.": "classifier."}),
+    ("text", "classify"): ("Data2VecTextForSequenceClassification",
+                           {"dense.": "classifier.dense.", "out_proj.": "classifier.out_proj."}),
+    ("audio", "ctc"): ("Data2VecAudioForCTC", {"linear.": "lm_head."}),
+}
+"""(modality, kind) -> (the `transformers` class an export writes, our head's parameter prefixes
+(`head.` stripped) -> the class's names)."""
 
 
 def read_finetuned(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -71,12 +79,17 @@ def read_finetuned(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, str
     return state, meta
 
 
-def check_exportable(modality: str, kind: str, head: str) -> None:
-    """Refuse, with one sentence, a data2vec 1.0 head that no Hugging Face task class computes exactly."""
-    if modality == "image":
-        raise UserError("the fine-tuned image head averages the patch tokens after the encoder's final "
-                        "LayerNorm, which Hugging Face's mean-pooling Data2VecVisionForImageClassification "
-                        "does not have, so its logits cannot be reproduced there.")
+def check_exportable(modality: str, kind: str, head: str, final_norm: bool) -> None:
+    """Refuse, with one sentence, a data2vec 1.0 head that no Hugging Face task class computes exactly.
+
+    Args:
+        modality, kind, head: the file's model modality, `kind` and `head`.
+        final_norm: the encoder state has a final LayerNorm (`layernorm.*`, images).
+    """
+    if modality == "image" and final_norm:
+        raise UserError("this image model was fine-tuned with the encoder's final LayerNorm before the mean, "
+                        "which Hugging Face's mean-pooling Data2VecVisionForImageClassification does not have; "
+                        "fine-tune it again (the image head now drops that LayerNorm) to export it.")
     if modality == "text" and head != "first":
         raise UserError(f"Hugging Face's Data2VecTextForSequenceClassification reads the first token (<s>) but "
                         f"this model was fine-tuned with finetune.head={head}; fine-tune with "
@@ -87,16 +100,18 @@ def check_exportable(modality: str, kind: str, head: str) -> None:
                         "heads are).")
 
 
-def task_config(spec: ModelSpec, meta: dict[str, str], cfg: Config):
+def task_config(spec: ModelSpec, meta: dict[str, str], cfg: Config, final_norm: bool):
     """The Hugging Face config of the task model: the encoder's, plus the head's labels or vocabulary.
 
     Raises:
         UserError: the encoder (data2vec 2.0 images and audio, circular audio positions) or the head
-            has no exact Hugging Face counterpart.
+            has no exact Hugging Face counterpart (`check_exportable`).
     """
     config = hf_config_from_spec(spec)
-    check_exportable(spec.modality, meta["kind"], meta["head"])
-    config.architectures = [TASK_CLASSES[spec.modality, meta["kind"]]]
+    check_exportable(spec.modality, meta["kind"], meta["head"], final_norm)
+    config.architectures = [TASK_HEADS[spec.modality, meta["kind"]][0]]
+    # An image head's LayerNorm follows the mean: HF's mean-pooling pooler (whose eps is the encoder's).
+    config.use_mean_pooling = spec.modality == "image"
     if meta["kind"] == "ctc":
         vocab = json.loads(meta["vocab"])
         # The CTC blank is `<pad>` in both (ctc.BLANK); ctc.ctc_loss averages per target length and
@@ -116,6 +131,8 @@ def _encoder(spec: ModelSpec, state: dict[str, Tensor], model: str) -> nn.Module
     """Our encoder of `spec` holding `state` (the `encoder.*` tensors, prefix stripped)."""
     with torch.random.fork_rng(devices=[]):   # the caller's random stream stays as it was
         encoder = build_encoder(spec)
+    if spec.modality == "image":   # as in FinetuneModel: the head's LayerNorm replaces the final one
+        encoder.layernorm = nn.Identity()
     _load_into(encoder, state, model, "the fine-tuned model")
     return encoder.eval()
 
@@ -137,16 +154,17 @@ def to_hf_task(spec: ModelSpec, encoder_state: dict[str, Tensor], head_state: di
         spec: the encoder's spec; encoder_state, head_state: `split_state` of the model's state;
             meta, cfg: the file's metadata and config.
     Returns:
-        A `TASK_CLASSES` model in eval mode whose logits are the `FinetuneModel`'s (CTC: before the
+        A `TASK_HEADS` model in eval mode whose logits are the `FinetuneModel`'s (CTC: before the
         log-softmax).
     """
-    config = task_config(spec, meta, cfg)
+    config = task_config(spec, meta, cfg, final_norm="layernorm.weight" in encoder_state)
     cls = getattr(require_transformers(), config.architectures[0])
     encoder = _encoder(spec, encoder_state, cfg.model.name)
     hf_state = {f"{cls.base_model_prefix}.{k}": v for k, v in hf_state_dict(encoder).items()}
+    names = TASK_HEADS[spec.modality, meta["kind"]][1]
     for name, tensor in head_state.items():
-        prefix = next(p for p in _HEAD_NAMES if name.startswith(p))
-        hf_state[_HEAD_NAMES[prefix] + name[len(prefix):]] = tensor.float().clone()
+        prefix = next(p for p in names if name.startswith(p))
+        hf_state[names[prefix] + name[len(prefix):]] = tensor.float().clone()
     return build_hf_model(cls, config, hf_state)
 
 
