@@ -216,11 +216,15 @@ def _run_hf_import(args) -> int:
 
 def _add_hf_export(subparsers) -> None:
     p = subparsers.add_parser(
-        "hf-export", help="write a run as a Hugging Face Data2Vec model folder",
+        "hf-export", help="write a run, or a fine-tuned model, as a Hugging Face Data2Vec model folder",
         description="Gather a checkpoint's fp32 weights (any ZeRO stage) into a folder that transformers "
                     "loads with from_pretrained: config, safetensors weights and the run's preprocessing "
-                    "(image processor, audio feature extractor or tokenizer). Needs `pip install d2v_engine[hf]`.")
-    p.add_argument("--run", dest="run_dir", metavar="DIR", required=True, help="the run directory (its run.dir)")
+                    "(image processor, audio feature extractor or tokenizer). With --finetuned, a "
+                    "fine-tuned model instead, as the task class (Data2VecVisionForImageClassification, "
+                    "Data2VecTextForSequenceClassification, or Data2VecAudioForCTC with a Wav2Vec2Processor). Needs `pip install d2v_engine[hf]`.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", metavar="DIR", help="the run directory (its run.dir)")
+    source.add_argument("--finetuned", metavar="DIR", help="a fine-tuning folder, RUN/finetune/TASK")
     p.add_argument("--out", metavar="DIR", required=True, help="the folder to write")
     p.add_argument("--tag", help="checkpoint tag (default: the one checkpoints/latest names)")
     p.add_argument("--weights", choices=("student", "teacher"), default="student",
@@ -229,9 +233,16 @@ def _add_hf_export(subparsers) -> None:
 
 
 def _run_hf_export(args) -> int:
-    from d2v_engine.hf import hf_export, quiet_transformers
+    from d2v_engine.hf import hf_export, hf_export_finetuned, quiet_transformers
 
     quiet_transformers()
+    if args.finetuned:
+        if args.tag is not None or args.weights != "student":
+            raise UserError("--tag and --weights choose a pretraining checkpoint; drop them with --finetuned.")
+        written = hf_export_finetuned(args.finetuned, args.out)
+        print(f"d2v hf-export: {written['model']} fine-tuned on {written['task']} at step {written['step']} -> "
+              f"{args.out} ({written['hf_class']}; {', '.join(written['files'])})")
+        return 0
     written = hf_export(args.run_dir, args.out, tag=args.tag, weights=args.weights)
     print(f"d2v hf-export: {written['model']} ({written['weights']}) at step {written['step']} -> {args.out} "
           f"({', '.join(written['files'])})")

@@ -440,14 +440,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | list[str | Path] | None = None,
+def load_config(path: str | Path | dict | list[str | Path | dict] | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file(s) <- `section.key=value` overrides, validated.
 
     Args:
         path: a YAML file whose top level mirrors the sections of `Config`, or a list of them applied
-            in order (`d2v finetune`: the run's config.yaml, then the fine-tuning recipe); None =
-            defaults only.
+            in order (`d2v finetune`: the run's config.yaml, then the fine-tuning recipe); a dict
+            stands for a file's content (`Config.to_dict()` read back); None = defaults only.
         overrides: command-line items such as `train.steps=60`.
     Returns:
         The validated `Config`.
@@ -457,7 +457,8 @@ def load_config(path: str | Path | list[str | Path] | None = None,
     cfg = Config()
     paths = [] if path is None else path if isinstance(path, list) else [path]
     for one in paths:
-        for key, value in _flatten(_read_tree(Path(one)), str(one)).items():
+        tree, where = (one, "the config mapping") if isinstance(one, dict) else (_read_tree(Path(one)), str(one))
+        for key, value in _flatten(tree, where).items():
             _set(cfg, key, value)
     for item in overrides:
         _set(cfg, *parse_override(item))

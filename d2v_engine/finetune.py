@@ -355,23 +355,41 @@ class Finetuner:
             self.echo(f"resumed fine-tuning from {path} at step {self.step}")
 
     def save_weights(self) -> None:
-        """`model.safetensors`: the encoder (`encoder.*`) and head (`head.*`) in fp32, with metadata."""
-        from safetensors.torch import save_file
-
-        if self.rank != 0:
-            return
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        meta = {"format": FINETUNE_FORMAT, "model": self.cfg.model.name, "task": self.cfg.finetune.task,
-                "kind": self.task.kind, "outputs": str(self.outputs), "head": self.cfg.finetune.head,
-                "classes": json.dumps(getattr(self, "classes", None)), "step": str(self.step),
-                "config": json.dumps(self.cfg.to_dict())}
-        if self.vocab is not None:
-            meta["vocab"] = json.dumps(self.vocab.to_dict())
-        save_file(state, str(self.run_dir / "model.safetensors"), metadata=meta)
+        """`model.safetensors` (`save_finetuned`), written by rank 0."""
+        if self.rank == 0:
+            save_finetuned(self.run_dir / "model.safetensors", self.model, self.cfg, self.task.kind, self.outputs,
+                           getattr(self, "classes", None), self.vocab, self.step)
 
     def close(self) -> None:
         self.logger.close()
         distributed.barrier()
+
+
+def save_finetuned(path: str | Path, model: torch.nn.Module, cfg: Config, kind: str, outputs: int,
+                   classes: list[int] | None, vocab, step: int) -> None:
+    """A fine-tuned model's `model.safetensors`: the encoder (`encoder.*`) and head (`head.*`) in fp32.
+
+    The metadata (`FINETUNE_FORMAT`) is what `d2v hf-export --finetuned` reads: model, task, kind,
+    outputs, head, classes (JSON), step, config (JSON of `Config.to_dict()`) and, for CTC, vocab (JSON).
+
+    Args:
+        path: the file to write.
+        model: the `heads.FinetuneModel`.
+        cfg: the fine-tuning config.
+        kind: `classify` or `ctc`; outputs: classes, or the vocabulary's size.
+        classes: the original class ids in the order of the outputs, or None (CTC).
+        vocab: the `ctc.CharVocab` of a CTC head, or None.
+        step: the optimizer steps taken.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FINETUNE_FORMAT, "model": cfg.model.name, "task": cfg.finetune.task, "kind": kind,
+            "outputs": str(outputs), "head": cfg.finetune.head, "classes": json.dumps(classes),
+            "step": str(step), "config": json.dumps(cfg.to_dict())}
+    if vocab is not None:
+        meta["vocab"] = json.dumps(vocab.to_dict())
+    save_file(state, str(path), metadata=meta)
 
 
 # ------------------------------------------------------------------------------ the command

@@ -5,12 +5,13 @@
     mix_images(images, targets, ...)                 mixup / cutmix with soft targets
     random_resized_crop(images, ...)                 a random crop per image, one batched resample
 
-Heads, laid out as the Hugging Face classes that `d2v hf-export --finetuned` writes:
-    image  mean over patch tokens -> LayerNorm -> Linear (Data2VecVisionForImageClassification with
-           mean pooling: `pooler.layernorm`, `classifier`)
-    text   `<s>` token -> dense -> tanh -> Linear (Data2VecTextClassificationHead), or the mean
-    audio  mean over valid frames -> LayerNorm -> Linear (keywords), or every frame -> Linear (CTC,
-           Data2VecAudioForCTC's `lm_head`)
+Heads, and the Hugging Face classes that `d2v hf-export --finetuned` writes (`hf.finetuned`):
+    image  mean over patch tokens -> LayerNorm -> Linear, the encoder's final LayerNorm dropped as BEiT
+           does (Data2VecVisionForImageClassification with mean pooling: `pooler.layernorm`, `classifier`)
+    text   `<s>` token -> dense -> tanh -> Linear (Data2VecTextClassificationHead), or the mean (not
+           exported)
+    audio  mean over valid frames -> LayerNorm -> Linear (keywords, not exported: HF's head has no
+           LayerNorm), or every frame -> Linear (CTC, Data2VecAudioForCTC's `lm_head`)
 """
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ class FinetuneModel(nn.Module):
             self.head.dropout = nn.Dropout(cfg.head_dropout)
             self.head.out_proj = nn.Linear(dim, outputs)
         else:
-            self.head.norm = nn.LayerNorm(dim)
+            if self.modality == "image":
+                # BEiT's mean pooling: the head's LayerNorm takes the place of the encoder's final one
+                # (Data2VecVisionForImageClassification with use_mean_pooling=True has the same).
+                self.encoder.layernorm = nn.Identity()
+            self.head.norm = nn.LayerNorm(dim, eps=encoder.spec.transformer.norm_eps)
             self.head.dropout = nn.Dropout(cfg.head_dropout)
             self.head.linear = nn.Linear(dim, outputs)
         for m in self.head.modules():

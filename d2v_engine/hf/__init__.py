@@ -10,11 +10,13 @@ functions that need it, so `import d2v_engine.hf` works without it and those fun
 one-sentence `UserError` saying how to install it.
 
 Modules: `spec` (spec <-> config), `weights` (parameter mapping, hidden states), `commands`
-(`d2v hf-import` and `d2v hf-export`).
+(`d2v hf-import` and `d2v hf-export`), `finetuned` (`d2v hf-export --finetuned`: task models).
 """
 from d2v_engine.hf.commands import hf_export, hf_import, load_hf_model, quiet_transformers
+from d2v_engine.hf.finetuned import hf_export_finetuned
 from d2v_engine.hf.spec import hf_config_from_spec, require_transformers, spec_from_hf_config
 from d2v_engine.hf.weights import encode, from_hf, hidden_states, to_hf
 
-__all__ = ["encode", "from_hf", "hf_config_from_spec", "hf_export", "hf_import", "hidden_states",
-           "load_hf_model", "quiet_transformers", "require_transformers", "spec_from_hf_config", "to_hf"]
+__all__ = ["encode", "from_hf", "hf_config_from_spec", "hf_export", "hf_export_finetuned", "hf_import",
+           "hidden_states", "load_hf_model", "quiet_transformers", "require_transformers", "spec_from_hf_config",
+           "to_hf"]

@@ -11,7 +11,8 @@ hf-export gathers a run's fp32 weights (`export.consolidate`: any ZeRO stage, fp
 writes a folder that `transformers` loads with `from_pretrained`: `config.json` and
 `model.safetensors`, plus the preprocessing the run used: an image processor (resize and centre
 crop to the run's size, its mean and std), an audio feature extractor (the run's rate, per-clip
-normalisation) or the run's tokenizer (`<s> ... </s>`, RoBERTa specials).
+normalisation) or the run's tokenizer (`<s> ... </s>`, RoBERTa specials). `hf-export --finetuned`
+(a fine-tuned model as a task class) lives in `hf.finetuned`.
 """
 from __future__ import annotations
 
@@ -166,22 +167,25 @@ def _tokenizer(cfg: Config, spec: ModelSpec):
 
 def save_preprocessor(cfg: Config, spec: ModelSpec, out: Path) -> None:
     """Write the HF preprocessing that matches the run's eval inputs (`probes.*Inputs`) into `out`."""
+    build_preprocessor(cfg, spec).save_pretrained(out)
+
+
+def build_preprocessor(cfg: Config, spec: ModelSpec):
+    """The HF preprocessing of the run's eval inputs: an image processor, a feature extractor or a tokenizer."""
     transformers = require_transformers()
     d = cfg.data
     if spec.modality == "image":
         size = d.image_size or spec.image_size
         # Shorter side to `size` (bicubic), centre crop, [0, 1], the run's mean/std: probes.ImageInputs.
-        processor = transformers.BeitImageProcessorPil(
+        return transformers.BeitImageProcessorPil(
             do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
             crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
             do_normalize=True, image_mean=list(d.mean), image_std=list(d.std))
-    elif spec.modality == "audio":
-        processor = transformers.Wav2Vec2FeatureExtractor(
+    if spec.modality == "audio":
+        return transformers.Wav2Vec2FeatureExtractor(
             feature_size=1, sampling_rate=d.sample_rate, padding_value=0.0, do_normalize=True,
             return_attention_mask=True)
-    else:
-        processor = _tokenizer(cfg, spec)
-    processor.save_pretrained(out)
+    return _tokenizer(cfg, spec)
 
 
 def hf_export(run_dir: str | Path, out: str | Path, tag: str | None = None,

@@ -150,16 +150,44 @@ def to_hf(encoder: nn.Module) -> nn.Module:
     config = hf_config_from_spec(spec)
     cls = {"image": transformers.Data2VecVisionModel, "audio": transformers.Data2VecAudioModel,
            "text": transformers.Data2VecTextModel}[spec.modality]
-    state = {_rename(k, spec.modality, to_ours=False): v.detach().to("cpu", torch.float32, copy=True)
-             for k, v in encoder.state_dict().items()}
+    state = hf_state_dict(encoder)
     if spec.modality == "text":
         dim = spec.transformer.dim
-        state[_TOKEN_TYPE] = torch.zeros(1, dim)
         # HF's layout has a pooler, which data2vec never trains: HF's initialisation, from a fixed seed
         # so that an export is reproducible.
         gen = torch.Generator().manual_seed(0)
         state["pooler.dense.weight"] = torch.randn(dim, dim, generator=gen) * config.initializer_range
         state["pooler.dense.bias"] = torch.zeros(dim)
+    return build_hf_model(cls, config, state)
+
+
+def hf_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
+    """Our encoder's weights under the names of the HF base model (no pooler), as fp32 CPU copies.
+
+    Args:
+        encoder: an image, audio or text encoder.
+    Returns:
+        name -> tensor; a text model gets the single zero row of `token_type_embeddings`.
+    """
+    spec = encoder.spec
+    state = {_rename(k, spec.modality, to_ours=False): v.detach().to("cpu", torch.float32, copy=True)
+             for k, v in encoder.state_dict().items()}
+    if spec.modality == "text":
+        state[_TOKEN_TYPE] = torch.zeros(1, spec.transformer.dim)
+    return state
+
+
+def build_hf_model(cls: type, config, state: dict[str, Tensor]) -> nn.Module:
+    """The HF model `cls(config)` holding `state`, in eval mode.
+
+    Args:
+        cls: a `transformers` model class; config: its config.
+        state: every tensor of the model's state dict, by HF name.
+    Returns:
+        The model (it shares no storage with our modules when `state` holds copies).
+    Raises:
+        RuntimeError: `state` lacks some of the model's tensors (a mapping bug, not a user error).
+    """
     # from_pretrained with a state dict builds on the meta device and assigns the tensors: no
     # initialisation pass over weights that are overwritten anyway.
     model = cls.from_pretrained(None, config=config, state_dict=state)
