@@ -439,7 +439,7 @@ def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) ->
     start = time.perf_counter()
     train = load_split(opts.task, task, cfg0, spec, root, "train", vocab, echo)
     test = load_split(opts.task, task, cfg0, spec, root, "test", vocab, echo)
-    classes = remap_classes(train, test, opts.task) if task.kind == "classify" else None
+    classes = remap_classes(train, test, opts.task, echo) if task.kind == "classify" else None
     outputs = len(vocab) if vocab is not None else len(classes)
     echo(f"finetune {opts.task}: {len(train)} labelled training samples, {len(test)} test samples "
          f"(read in {time.perf_counter() - start:.0f} s)")
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         run_finetune(args.run_dir, options(args))
     except UserError as err:

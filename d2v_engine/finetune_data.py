@@ -176,18 +176,19 @@ def _encode_transcripts(raws, texts, vocab: CharVocab, folder: Path, echo):
     return kept_raws, kept_texts, ids
 
 
-def remap_classes(train: LabelledSet, test: LabelledSet, name: str) -> list[int]:
-    """Number the training set's classes 0..K-1 in both sets; returns the class ids in that order.
+def remap_classes(train: LabelledSet, test: LabelledSet, name: str, echo=print) -> list[int]:
+    """Number the classes of both sets 0..K-1 (the head has K outputs); returns the class ids in order.
 
-    Raises:
-        UserError: a test class the training labels never show (its head output could not learn).
+    A test class that no labelled training sample shows (a small label budget of a long-tailed
+    task) keeps its head output, which never learns: its test samples count as errors, and one
+    line says how many there are.
     """
-    classes = np.unique(train.labels)
-    unseen = sorted(set(np.unique(test.labels).tolist()) - set(classes.tolist()))
+    classes = np.unique(np.concatenate([train.labels, test.labels]))
+    unseen = sorted(set(np.unique(test.labels).tolist()) - set(np.unique(train.labels).tolist()))
     if unseen:
-        raise UserError(f"task '{name}': the test set has class(es) {unseen[:5]} that none of the "
-                        f"{len(train)} labelled training samples has; label more samples "
-                        f"(finetune.labels) so that every class appears.")
+        count = int(np.isin(test.labels, unseen).sum())
+        echo(f"finetune: task '{name}': {count} test sample(s) are of {len(unseen)} class(es) that none of "
+             f"the {len(train)} labelled training samples has (first: {unseen[:5]}); they count as errors.")
     train.labels = np.searchsorted(classes, train.labels)
     test.labels = np.searchsorted(classes, test.labels)
     return classes.tolist()
