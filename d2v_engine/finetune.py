@@ -109,13 +109,13 @@ def param_groups(model, cfg: Config) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (decays(name, p), layer_id(name, depth))
+        key = (decays(name, p), layer_id(name, depth), name.startswith("encoder."))
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": cfg.train.weight_decay if key[0] else 0.0,
-                           "lr_scale": lr_scale(name, depth, cfg.finetune.layer_decay),
-                           "encoder": name.startswith("encoder.")}
+                           "lr_scale": lr_scale(name, depth, cfg.finetune.layer_decay), "encoder": key[2]}
         groups[key]["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    # the head's groups last: `get_lr()[-1]`, the lr the metrics line shows, is the head's
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[2], k))]
 
 
 def build_scheduler(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -397,8 +397,11 @@ def finetune_config(run_dir: Path, modality: str, opts: FinetuneOptions, out: Pa
     recipe = Path(opts.config) if opts.config else RECIPES / f"finetune_{modality}.yaml"
     if not recipe.is_file():
         raise UserError(f"no fine-tuning recipe at '{recipe}'; pass --config FT.yaml.")
-    return load_config([run_dir / "config.yaml", recipe],
-                       [f"finetune.task={opts.task}", f"run.dir={out}", *opts.overrides])
+    cfg = load_config([run_dir / "config.yaml", recipe],
+                      [f"finetune.task={opts.task}", f"run.dir={out}", *opts.overrides])
+    if Path(cfg.run.dir) != out and out.name == "random_init":   # a run.dir override: the twin goes below it
+        cfg.run.dir = str(Path(cfg.run.dir) / "random_init")
+    return cfg
 
 
 def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) -> dict[str, Any]:

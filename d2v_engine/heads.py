@@ -130,7 +130,7 @@ class FinetuneModel(nn.Module):
         return feats.masked_fill(mask.to(feats.device)[:, None, :], 0.0)
 
 
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.")
 _EMBEDDING = ("embeddings.", "embed_norm.", "feature_extractor.", "feature_projection.", "pos_conv_embed.",
               "masked_spec_embed", "layer_norm.", "alibi.")
 
@@ -145,7 +145,7 @@ def layer_id(name: str, depth: int) -> int:
     if not name.startswith("encoder."):
         return depth + 1
     inner = name[len("encoder."):]
-    found = _BLOCK.search(inner)
+    found = _BLOCK.match(inner)
     if found:
         return int(found.group(1)) + 1
     if inner.startswith("relative_position_bias."):

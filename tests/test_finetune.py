@@ -56,6 +56,8 @@ def test_layer_wise_lr_groups():
     for g in groups:
         assert all((p.ndim > 1) == (g["weight_decay"] > 0) for p in g["params"] if p.ndim <= 1 or g["weight_decay"])
     assert layer_id("encoder.feature_extractor.conv_layers.0.conv.weight", 4) == 0
+    assert layer_id("encoder.pos_conv_embed.layers.3.conv.weight", 4) == 0
+    assert layer_id("encoder.layernorm.weight", 4) == 5 == layer_id("head.linear.weight", 4)
 
 
 def test_schedules_and_frozen_encoder():
@@ -231,3 +233,33 @@ def test_user_errors(data_root, tmp_path, capsys):
     assert "fine-tunes text models" in capsys.readouterr().err
     assert cli.main(["finetune", "--run", str(run_dir), "--task", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_two_ranks_match_one(data_root, tmp_path):
+    """ZeRO-2 over two ranks deals each global batch out in halves: the same losses as one rank."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import free_port
+
+    run_dir = fake_run(tmp_path / "run", "debug_image.yaml", data_root / "fashion-mnist" / "train")
+    args = ["--run", str(run_dir), "--task", "fashion-mnist", "--labels", "64", "train.steps=4",
+            "train.batch_size=16", "train.warmup_steps=1", "train.log_every=1", "finetune.test_limit=32",
+            "train.progress=false", "ds.zero_stage=2", "model.drop_path=0.0", "finetune.crop_scale=1.0",
+            "finetune.flip=false"]
+    finetune(run_dir, *args, "run.dir=" + str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(free_port()), "d2v_engine/finetune.py", *args, "run.dir=" + str(tmp_path / "two")],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    scores = [json.loads((tmp_path / d / "test.jsonl").read_text().splitlines()[-1])["accuracy"]
+              for d in ("one", "two")]
+    assert scores[0] == pytest.approx(scores[1], abs=1 / 32 + 1e-9)
