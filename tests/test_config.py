@@ -7,7 +7,10 @@ from d2v_engine.config import Config, dump_config, load_config, parse_override, 
 from d2v_engine.errors import UserError
 from d2v_engine.models.registry import MODEL_REGISTRY
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+                 if not p.stem.startswith("finetune_"))
+RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("finetune_*.yaml"))
+"""Fine-tuning recipes: overlays on a run's config.yaml, not configs of their own."""
 REQUIRED_KEYS = ["model.name", "data.path", "data.reader", "train.steps", "train.batch_size",
                  "train.log_every", "train.save_every", "train.lr", "seed", "run.dir", "run.resume",
                  "ds.zero_stage", "ds.precision", "kernels.backend"]
@@ -22,6 +25,16 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.model.name in MODEL_REGISTRY
     assert cfg.teacher.anneal_steps > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_finetune_recipes_load_over_every_config_of_their_modality(recipe):
+    modality = recipe.stem.split("_")[1]
+    runs = [p for p in CONFIGS if load_config(p).modality == modality]
+    assert runs
+    for path in runs:
+        cfg = load_config([path, recipe], ["finetune.task=t"])
+        assert cfg.finetune.task == "t" and cfg.model.name == load_config(path).model.name
 
 
 def test_expected_configs_shipped():
