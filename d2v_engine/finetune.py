@@ -133,8 +133,9 @@ def build_scheduler(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR
 class Finetuner:
     """One fine-tuning run: model, engine, data, steps, tests, checkpoints, the final weights."""
 
-    def __init__(self, cfg: Config, spec, state: dict | None, task, train, test, outputs: int,
+    def __init__(self, cfg: Config, spec, state: dict | None, task, train, test, classes: list[int] | None,
                  vocab=None, rank: int = 0, world_size: int = 1, echo=tqdm.write):
+        """`classes`: the original class ids in head order (None for CTC, whose outputs are `vocab`)."""
         from d2v_engine.checkpoint import _load_into
         from d2v_engine.guards import SkipStreak
         from d2v_engine.heads import FinetuneModel
@@ -146,6 +147,7 @@ class Finetuner:
             raise UserError("fine-tuning shards with ZeRO 0-2 (the model is small next to its "
                             "optimizer state); set ds.zero_stage to 0, 1 or 2.")
         self.cfg, self.task, self.train_set, self.test_set, self.vocab = cfg, task, train, test, vocab
+        self.outputs = len(vocab) if vocab is not None else len(classes)
         self.rank, self.world_size, self.echo = rank, world_size, echo
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -158,7 +160,7 @@ class Finetuner:
         if state is not None:
             _load_into(encoder, state, cfg.model.name, "the run's checkpoint")
         seed_everything(cfg.seed + 1)
-        model = FinetuneModel(encoder, task.kind, outputs, cfg.finetune, cfg.seed).to(self.device)
+        model = FinetuneModel(encoder, task.kind, self.outputs, cfg.finetune, cfg.seed).to(self.device)
         optimizer = distributed.build_optimizer(model, cfg, param_groups(model, cfg))
         self.engine, ds_config = distributed.build_engine(model, cfg, world_size, optimizer,
                                                           build_scheduler(optimizer, cfg))
@@ -166,7 +168,7 @@ class Finetuner:
         self.step, self.saved_step = 0, -1
         self.skips = SkipStreak(cfg.train.max_skipped_steps)
         self.curve: list[dict[str, float]] = []
-        self.outputs = outputs
+        self.classes = classes
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -358,7 +360,7 @@ class Finetuner:
         """`model.safetensors` (`save_finetuned`), written by rank 0."""
         if self.rank == 0:
             save_finetuned(self.run_dir / "model.safetensors", self.model, self.cfg, self.task.kind, self.outputs,
-                           getattr(self, "classes", None), self.vocab, self.step)
+                           self.classes, self.vocab, self.step)
 
     def close(self) -> None:
         self.logger.close()
@@ -443,7 +445,6 @@ def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) ->
     train = load_split(opts.task, task, cfg0, spec, root, "train", vocab, echo)
     test = load_split(opts.task, task, cfg0, spec, root, "test", vocab, echo)
     classes = remap_classes(train, test, opts.task, echo) if task.kind == "classify" else None
-    outputs = len(vocab) if vocab is not None else len(classes)
     echo(f"finetune {opts.task}: {len(train)} labelled training samples, {len(test)} test samples "
          f"(read in {time.perf_counter() - start:.0f} s)")
     record: dict[str, Any] = {"metric": task.metric, "labels": len(train), "n_test": len(test)}
@@ -457,8 +458,7 @@ def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) ->
             if opts.weights == "teacher":
                 state.update(init.teacher)
         t0 = time.perf_counter()
-        tuner = Finetuner(cfg, spec, state, task, train, test, outputs, vocab, rank, world, echo)
-        tuner.classes = classes
+        tuner = Finetuner(cfg, spec, state, task, train, test, classes, vocab, rank, world, echo)
         tuner.train()
         tuner.close()
         scores = tuner.curve[-1]
