@@ -253,11 +253,13 @@ def _add_finetune(subparsers) -> None:
     from d2v_engine.finetune import add_arguments
 
     p = subparsers.add_parser(
-        "finetune", help="fine-tune a run's encoder on a labelled task, beside random init",
-        description="Fine-tune a pretraining run's encoder with a task head (classification or CTC) on "
-                    "the task's labels, optionally also from random init (--compare random-init), and "
-                    "write RUN/finetune/finetune.json, the curve and the fine-tuned weights. Several "
-                    "ranks: `deepspeed d2v_engine/finetune.py --run ... --task ...`.")
+        "finetune", help="fine-tune a run's (or a Hugging Face folder's) encoder on a labelled task, "
+                         "beside random init",
+        description="Fine-tune a pretraining run's encoder (or, with --hf-dir HF --out DIR, a Hugging Face "
+                    "Data2Vec folder's) with a task head (classification or CTC) on the task's labels, "
+                    "optionally also from random init (--compare random-init), and write "
+                    "RUN/finetune/finetune.json (DIR/finetune/... with --hf-dir), the curve and the fine-tuned "
+                    "weights. Several ranks: `deepspeed d2v_engine/finetune.py --run ... --task ...`.")
     add_arguments(p)
     p.set_defaults(run=_run_finetune)
 

@@ -2,11 +2,14 @@
 
     deepspeed [--num_gpus N] d2v_engine/finetune.py --run DIR --task TASK [k=v ...]   # several ranks
     d2v finetune --run DIR --task TASK [--labels N] [--compare random-init] [k=v ...]  # one process
+    d2v finetune --hf-dir HF --out DIR --task TASK [...]     # a Hugging Face Data2Vec folder's encoder
 
 The config is the run's `config.yaml`, then the modality's recipe (`configs/finetune_<modality>.yaml`,
 or `--config`), then the overrides; it shares the pretraining sections (`train`, `ds`, `model`
-dropouts) and adds `finetune`. The loop is pretraining's pieces: DeepSpeed through `distributed`
-(ZeRO 0-2, bf16), the guards' non-finite skip, `MetricsLogger`, and the trainer's atomic checkpoints.
+dropouts) and adds `finetune`. With `--hf-dir` the first layer comes from the folder instead
+(`hf.start`: the registry model of its shape, its preprocessing) and `DIR` below is `--out`. The
+loop is pretraining's pieces: DeepSpeed through `distributed` (ZeRO 0-2, bf16), the guards'
+non-finite skip, `MetricsLogger`, and the trainer's atomic checkpoints.
 
 A fine-tuning run lives in `DIR/finetune/TASK/` (and `.../random_init/` for the comparison):
 config.yaml, metrics.jsonl, test.jsonl (the test metric every `finetune.eval_every` steps),
@@ -27,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +39,9 @@ from tqdm import tqdm
 from d2v_engine import distributed
 from d2v_engine.config import Config, dump_config, load_config
 from d2v_engine.errors import UserError
+
+if TYPE_CHECKING:
+    from d2v_engine.models.spec import ModelSpec
 
 FINETUNE_FORMAT = "d2v-finetune-1"
 """`format` in the metadata of a fine-tuned `model.safetensors`."""
@@ -68,6 +74,83 @@ class FinetuneOptions:
     """`custom`: transcripts (`.txt`) and a CTC head rather than `.cls` classes."""
     weights: str = "student"
     """Which trained weights start the encoder: `student` or `teacher`."""
+    hf_dir: str | None = None
+    """Start from this Hugging Face Data2Vec folder rather than a run (`hf.start`)."""
+    out: str | None = None
+    """With `hf_dir`: the folder that plays the run directory's part (`OUT/finetune/...`)."""
+
+
+@dataclass
+class Start:
+    """What a fine-tuning starts from: a run's checkpoint (`run_start`) or a Hugging Face folder (`hf.start`)."""
+
+    base: Path | dict
+    """The first config layer: the run's `config.yaml`, or the mapping `hf.start.hf_layer` derives."""
+    cfg: Config
+    """That layer alone, resolved: the modality, data root and model spec come from it."""
+    spec: ModelSpec
+    """The encoder's shape."""
+    student: dict[str, torch.Tensor]
+    """The encoder's weights."""
+    teacher: dict[str, torch.Tensor] | None
+    """The run's EMA weights over the student's (`--weights teacher`); None for a Hugging Face model."""
+    out: Path
+    """Where `finetune/` is written: the run directory, or `--out`."""
+    what: str
+    """How the messages name the source: `the run`, `the Hugging Face model in 'HF'`."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Fields of the source in `finetune.json` (the checkpoint tag, or the folder and model name)."""
+
+
+def run_start(run_dir: str | Path) -> Start:
+    """A run's newest checkpoint as the start of a fine-tuning."""
+    from d2v_engine.checkpoint import load_run_config, load_run_weights, run_spec
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    weights = load_run_weights(run_dir)
+    return Start(base=run_dir / "config.yaml", cfg=cfg, spec=run_spec(cfg, weights.student), student=weights.student,
+                 teacher=weights.teacher, out=run_dir, what="the run", record={"checkpoint": weights.tag})
+
+
+def load_start(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.write) -> Start:
+    """The start `--run` or `--hf-dir` names (exactly one of them).
+
+    Raises:
+        UserError: both or neither, `--out` without `--hf-dir` or the reverse, teacher weights of
+            a Hugging Face model, or what loading the source refuses.
+    """
+    if run_dir is not None and opts.hf_dir is not None:
+        raise UserError("--run and --hf-dir both name the encoder to fine-tune; pass one of them.")
+    if opts.hf_dir is None:
+        if run_dir is None:
+            raise UserError("pass --run DIR (a pretraining run) or --hf-dir DIR (a Hugging Face Data2Vec folder).")
+        if opts.out is not None:
+            raise UserError("--out places the outputs of --hf-dir; a run's fine-tuning goes to RUN/finetune "
+                            "(run.dir=... moves one task's folder).")
+        return run_start(run_dir)
+    if opts.out is None:
+        raise UserError("--hf-dir needs --out DIR, the folder for the outputs (DIR/finetune/TASK).")
+    if opts.weights == "teacher":
+        raise UserError("--weights teacher picks a run's EMA weights; a Hugging Face folder holds one encoder.")
+    from d2v_engine.hf.start import hf_start
+
+    return hf_start(opts.hf_dir, opts.out, opts.overrides, echo)
+
+
+def start_encoder(cfg: Config, spec, state: dict | None) -> torch.nn.Module:
+    """The encoder a fine-tuning starts with: `state` loaded, or (None) the initial weights of `cfg.seed`.
+
+    Seeded right before the build: random init is a run's own initial weights.
+    """
+    from d2v_engine.checkpoint import _load_into
+    from d2v_engine.models.registry import build_encoder
+
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder(spec)
+    if state is not None:
+        _load_into(encoder, state, cfg.model.name, "the start's weights")
+    return encoder
 
 
 def line(m: dict[str, float], total: int) -> str:
@@ -136,11 +219,9 @@ class Finetuner:
     def __init__(self, cfg: Config, spec, state: dict | None, task, train, test, classes: list[int] | None,
                  vocab=None, rank: int = 0, world_size: int = 1, echo=tqdm.write):
         """`classes`: the original class ids in head order (None for CTC, whose outputs are `vocab`)."""
-        from d2v_engine.checkpoint import _load_into
         from d2v_engine.guards import SkipStreak
         from d2v_engine.heads import FinetuneModel
         from d2v_engine.metrics import MetricsLogger, git_record
-        from d2v_engine.models.registry import build_encoder
         from d2v_engine.trainer import seed_everything
 
         if cfg.ds.zero_stage > 2:
@@ -154,11 +235,7 @@ class Finetuner:
         self.dtype = torch.bfloat16 if cfg.ds.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        # the encoder first, right after the seed: random init is the run's own initial weights
-        torch.manual_seed(cfg.seed)
-        encoder = build_encoder(spec)
-        if state is not None:
-            _load_into(encoder, state, cfg.model.name, "the run's checkpoint")
+        encoder = start_encoder(cfg, spec, state)   # first, right after the seed
         seed_everything(cfg.seed + 1)
         model = FinetuneModel(encoder, task.kind, self.outputs, cfg.finetune, cfg.seed).to(self.device)
         optimizer = distributed.build_optimizer(model, cfg, param_groups(model, cfg))
@@ -395,31 +472,33 @@ def save_finetuned(path: str | Path, model: torch.nn.Module, cfg: Config, kind: 
 
 
 # ------------------------------------------------------------------------------ the command
-def finetune_config(run_dir: Path, modality: str, opts: FinetuneOptions, out: Path) -> Config:
+def finetune_config(base: Path | dict, modality: str, opts: FinetuneOptions, out: Path) -> Config:
+    """The config of one fine-tuning run: `base` (the start's layer), the recipe, the overrides."""
     recipe = Path(opts.config) if opts.config else RECIPES / f"finetune_{modality}.yaml"
     if not recipe.is_file():
         raise UserError(f"no fine-tuning recipe at '{recipe}'; pass --config FT.yaml.")
-    cfg = load_config([run_dir / "config.yaml", recipe],
+    cfg = load_config([base, recipe],
                       [f"finetune.task={opts.task}", f"run.dir={out}", *opts.overrides])
     if Path(cfg.run.dir) != out and out.name == "random_init":   # a run.dir override: the twin goes below it
         cfg.run.dir = str(Path(cfg.run.dir) / "random_init")
     return cfg
 
 
-def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) -> dict[str, Any]:
+def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.write) -> dict[str, Any]:
     """Fine-tune (and with `compare`, also from random init) and write `finetune.json`.
 
+    Args:
+        run_dir: the pretraining run, or None with `opts.hf_dir` (`load_start`).
     Returns:
-        The task's record: metric, pretrained, random_init, labels, steps, wall_s, (scores).
+        The task's record: metric, pretrained, random_init, labels, steps, wall_s, (scores), and
+        the source (`checkpoint`, or `hf_dir` and `model`).
     """
-    from d2v_engine.checkpoint import load_run_config, load_run_weights, run_spec
     from d2v_engine.ctc import CharVocab
     from d2v_engine.eval import EvalOptions, data_root
     from d2v_engine.finetune_data import FT_TASKS, custom_task, load_split, remap_classes
 
-    run_dir = Path(run_dir)
-    run_cfg = load_run_config(run_dir)
-    modality = run_cfg.modality
+    start = load_start(run_dir, opts, echo)
+    modality = start.cfg.modality
     if opts.task == "custom":
         if not (opts.train and opts.test):
             raise UserError("task 'custom' needs --train and --test shard folders.")
@@ -429,29 +508,29 @@ def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) ->
     else:
         task = FT_TASKS[opts.task]
     if task.modality != modality:
-        raise UserError(f"task '{opts.task}' fine-tunes {task.modality} models but the run trained a "
-                        f"{modality} model.")
+        article = "a" if modality == "text" else "an"
+        raise UserError(f"task '{opts.task}' fine-tunes {task.modality} models but {start.what} is "
+                        f"{article} {modality} model.")
     rank, world = distributed.init_distributed()
-    weights = load_run_weights(run_dir)
-    spec = run_spec(run_cfg, weights.student)
-    base = run_dir / "finetune" / opts.task
-    inits = [("random_init", None)] if opts.random_init else [("pretrained", weights)]
+    spec = start.spec
+    base = start.out / "finetune" / opts.task
+    inits = [("random_init", None)] if opts.random_init else [("pretrained", start)]
     if opts.compare and not opts.random_init:
         inits.append(("random_init", None))
-    cfg0 = finetune_config(run_dir, modality, opts, base)
-    root = data_root(run_cfg, EvalOptions(data_root=opts.data_root))
+    cfg0 = finetune_config(start.base, modality, opts, base)
+    root = data_root(start.cfg, EvalOptions(data_root=opts.data_root))
     vocab = CharVocab() if task.kind == "ctc" else None
-    start = time.perf_counter()
+    began = time.perf_counter()
     train = load_split(opts.task, task, cfg0, spec, root, "train", vocab, echo)
     test = load_split(opts.task, task, cfg0, spec, root, "test", vocab, echo)
     classes = remap_classes(train, test, opts.task, echo) if task.kind == "classify" else None
     echo(f"finetune {opts.task}: {len(train)} labelled training samples, {len(test)} test samples "
-         f"(read in {time.perf_counter() - start:.0f} s)")
+         f"(read in {time.perf_counter() - began:.0f} s)")
     record: dict[str, Any] = {"metric": task.metric, "labels": len(train), "n_test": len(test)}
     curves = {}
     for name, init in inits:
         out = base if name == "pretrained" or opts.random_init else base / "random_init"
-        cfg = finetune_config(run_dir, modality, opts, out)
+        cfg = finetune_config(start.base, modality, opts, out)
         state = None
         if init is not None:
             state = dict(init.student)
@@ -466,10 +545,10 @@ def run_finetune(run_dir: str | Path, opts: FinetuneOptions, echo=tqdm.write) ->
         record[f"{name}_scores"] = {k: v for k, v in scores.items() if k not in ("step", "seconds")}
         record[f"{name}_wall_s"] = round(time.perf_counter() - t0, 1)
         curves[name] = tuner.curve
-        record.update(steps=cfg.train.steps, checkpoint=weights.tag)
-    record["wall_s"] = round(time.perf_counter() - start, 1)
+        record.update(steps=cfg.train.steps, **start.record)
+    record["wall_s"] = round(time.perf_counter() - began, 1)
     if rank == 0:
-        write_results(run_dir, opts.task, record, curves, echo)
+        write_results(start.out, opts.task, record, curves, echo)
     return record
 
 
@@ -514,7 +593,11 @@ def plot_curves(curves: dict[str, list[dict]], metric: str, path: Path, task: st
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `d2v finetune` and of this script."""
-    p.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the pretraining run directory")
+    p.add_argument("--run", dest="run_dir", default=None, metavar="DIR", help="the pretraining run directory")
+    p.add_argument("--hf-dir", default=None, metavar="HF",
+                   help="fine-tune the encoder of this Hugging Face Data2Vec folder instead (needs --out)")
+    p.add_argument("--out", default=None, metavar="DIR", help="--hf-dir: write DIR/finetune/TASK and "
+                   "DIR/finetune/finetune.json")
     p.add_argument("--task", required=True, help="fashion-mnist, spoken-digits, spoken-digits-5db, "
                    "spoken-words-ctc, wordnet, or custom")
     p.add_argument("--labels", type=float, default=None, metavar="N|FRACTION",
@@ -540,7 +623,7 @@ def options(args: argparse.Namespace) -> FinetuneOptions:
     return FinetuneOptions(task=args.task, config=args.config, overrides=overrides,
                            random_init=args.random_init, compare=args.compare == "random-init",
                            data_root=args.data, train=args.train, test=args.test, ctc=args.ctc,
-                           weights=args.weights)
+                           weights=args.weights, hf_dir=args.hf_dir, out=args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

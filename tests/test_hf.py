@@ -82,10 +82,11 @@ TINY = {
 }
 
 
-def random_hf_model(modality: str, config) -> torch.nn.Module:
-    """The HF model of `config` with random weights, none left at a structured value (ones, zeros,
-    constants), so that a swapped or dropped parameter shows; built without HF's init pass."""
-    cls = MODELS[modality]
+def random_hf_model(modality: str, config, cls=None) -> torch.nn.Module:
+    """The HF model of `config` (class `cls`, default the modality's base model) with random weights,
+    none left at a structured value (ones, zeros, constants), so that a swapped or dropped parameter
+    shows; built without HF's init pass."""
+    cls = cls or MODELS[modality]
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
     state = {}

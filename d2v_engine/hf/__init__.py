@@ -10,7 +10,8 @@ functions that need it, so `import d2v_engine.hf` works without it and those fun
 one-sentence `UserError` saying how to install it.
 
 Modules: `spec` (spec <-> config), `weights` (parameter mapping, hidden states), `commands`
-(`d2v hf-import` and `d2v hf-export`), `finetuned` (`d2v hf-export --finetuned`: task models).
+(`d2v hf-import` and `d2v hf-export`), `finetuned` (`d2v hf-export --finetuned`: task models),
+`start` (`d2v finetune --hf-dir`: a folder's encoder as a fine-tuning's start).
 """
 from d2v_engine.hf.commands import hf_export, hf_import, load_hf_model, quiet_transformers
 from d2v_engine.hf.finetuned import hf_export_finetuned

@@ -53,7 +53,8 @@ def load_hf_model(hf_dir: str | Path) -> nn.Module:
                         f"folder written by `save_pretrained`.")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in MODEL_TYPES:
-        raise UserError(f"'{hf_dir}' holds a '{model_type}' model; hf-import reads {', '.join(MODEL_TYPES)} models.")
+        raise UserError(f"'{hf_dir}' holds a '{model_type}' model, not a Data2Vec one; d2v reads "
+                        f"{', '.join(MODEL_TYPES)} models.")
     try:
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     except Exception as err:  # a missing, truncated or mismatched weights file means the same to the user
@@ -90,14 +91,14 @@ def _check_fits(hf_dir: str | Path, got: ModelSpec, want: ModelSpec, cfg: Config
         vocab = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
         if vocab != got.vocab_size:
             raise UserError(f"the Hugging Face model in '{hf_dir}' has {got.vocab_size} token embeddings but the "
-                            f"config's tokenizer '{path}' has {vocab} entries; pretrain with the model's tokenizer.")
+                            f"config's tokenizer '{path}' has {vocab} entries; use the model's tokenizer.")
     notes = []
     if got.transformer.norm_eps != want.transformer.norm_eps:
         notes.append(f"layer-norm eps is {got.transformer.norm_eps:g} in the Hugging Face model and "
-                     f"{want.transformer.norm_eps:g} in model '{name}': pretraining uses the latter.")
+                     f"{want.transformer.norm_eps:g} in model '{name}': d2v uses the latter.")
     if got.modality == "audio" and got.pos_conv_padding != want.pos_conv_padding:
         notes.append(f"the position convolution pads with {got.pos_conv_padding} in the Hugging Face model and "
-                     f"{want.pos_conv_padding} in model '{name}': pretraining uses the latter.")
+                     f"{want.pos_conv_padding} in model '{name}': d2v uses the latter.")
     return notes
 
 
