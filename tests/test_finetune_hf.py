@@ -23,10 +23,10 @@ from safetensors import safe_open  # noqa: E402
 
 from d2v_engine import cli, hf  # noqa: E402
 from d2v_engine.errors import UserError  # noqa: E402
-from d2v_engine.finetune import FinetuneOptions, load_start, start_encoder  # noqa: E402
+from d2v_engine.finetune import FinetuneOptions, finetune_config, load_start, start_encoder  # noqa: E402
 from d2v_engine.models.registry import get_spec  # noqa: E402
 from tests.data.synth_shards import train_tokenizer_for, write_image_shards  # noqa: E402
-from tests.test_eval import run  # noqa: E402
+from tests.test_eval import fake_run, run  # noqa: E402
 from tests.test_hf import make_inputs, random_hf_model, vision_config  # noqa: E402
 
 ATOL = 1e-5
@@ -99,6 +99,22 @@ def test_text_and_audio_start_at_the_hf_weights(tmp_path):
     start = start_of(tmp_path / "audio", tmp_path)
     assert start.cfg.model.name == "audio_debug" and start.spec.pos_conv_padding == "zeros"
     assert_same_states(audio, start, make_inputs("audio", config))
+
+
+def test_a_run_and_its_hf_export_start_the_same_finetuning(tmp_path):
+    """`--run R` and `--hf-dir` of `d2v hf-export --run R`: the same weights, shape and fine-tuning config."""
+    run_dir = fake_run(tmp_path / "run", "debug_image.yaml", tmp_path / "data" / "fashion-mnist" / "train")
+    assert cli.main(["hf-export", "--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    opts = FinetuneOptions(task="fashion-mnist", overrides=["train.steps=7"])
+    ours = load_start(run_dir, opts)
+    theirs = start_of(tmp_path / "hf", tmp_path)
+    assert theirs.spec == ours.spec and set(theirs.student) == set(ours.student)
+    for name, tensor in ours.student.items():
+        assert torch.equal(theirs.student[name], tensor), name
+    a, b = (finetune_config(s.base, "image", opts, tmp_path / "ft").to_dict() for s in (ours, theirs))
+    for section in ("model", "train", "ds", "finetune"):
+        assert a[section] == b[section], section
+    assert (a["seed"], a["data"]["mean"], a["data"]["std"]) == (b["seed"], b["data"]["mean"], b["data"]["std"])
 
 
 def test_finetune_from_an_hf_folder_end_to_end(tmp_path):
