@@ -28,6 +28,7 @@ from d2v_engine.models.registry import get_spec  # noqa: E402
 from tests.data.synth_shards import train_tokenizer_for, write_image_shards  # noqa: E402
 from tests.test_eval import fake_run, run  # noqa: E402
 from tests.test_hf import make_inputs, random_hf_model, vision_config  # noqa: E402
+from tests.test_safe_load import Payload, assert_one_sentence  # noqa: E402
 
 ATOL = 1e-5
 
@@ -164,3 +165,15 @@ def test_refusals_are_one_sentence(case, tmp_path, capsys):
             "not_data2vec": "holds a 'bert' model, not a Data2Vec one", "no_config": "no config.json",
             "no_shape": "has the shape of no registered image model"}[case] in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_payload_in_the_folder_is_not_run(tmp_path, capsys):
+    """The folder is read as `d2v hf-import` reads it: a `pytorch_model.bin` is unpickled weights only."""
+    marker, folder = tmp_path / "marker", tmp_path / "hf"
+    hf.hf_config_from_spec(get_spec("image_debug")).save_pretrained(folder)
+    torch.save({"embeddings.cls_token": Payload(marker)}, folder / "pytorch_model.bin")
+    capsys.readouterr()
+    args = ["finetune", "--hf-dir", str(folder), "--out", str(tmp_path / "out"), "--task", "fashion-mnist"]
+    assert cli.main(args) == 2
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert_one_sentence(capsys.readouterr().err, "was not loaded", "os.makedirs", "safetensors copy")
