@@ -138,6 +138,14 @@ def load_start(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.writ
     return hf_start(opts.hf_dir, opts.out, opts.overrides, echo)
 
 
+def finetune_spec(start: Start, cfg: Config):
+    """The start's model shape with the fine-tuning config's dropouts (the recipe's drop path,
+    dropout, layerdrop and the overrides'), which the start's own config does not hold."""
+    from d2v_engine.models.registry import with_model_config
+
+    return with_model_config(start.spec, cfg.model)
+
+
 def start_encoder(cfg: Config, spec, state: dict | None) -> torch.nn.Module:
     """The encoder a fine-tuning starts with: `state` loaded, or (None) the initial weights of `cfg.seed`.
 
@@ -512,12 +520,12 @@ def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.wr
         raise UserError(f"task '{opts.task}' fine-tunes {task.modality} models but {start.what} is "
                         f"{article} {modality} model.")
     rank, world = distributed.init_distributed()
-    spec = start.spec
     base = start.out / "finetune" / opts.task
     inits = [("random_init", None)] if opts.random_init else [("pretrained", start)]
     if opts.compare and not opts.random_init:
         inits.append(("random_init", None))
     cfg0 = finetune_config(start.base, modality, opts, base)
+    spec = finetune_spec(start, cfg0)
     root = data_root(start.cfg, EvalOptions(data_root=opts.data_root))
     vocab = CharVocab() if task.kind == "ctc" else None
     began = time.perf_counter()

@@ -18,7 +18,8 @@ from d2v_engine.config import load_config
 from d2v_engine.ctc import CharVocab
 from d2v_engine.data.prepare import PrepareOptions, prepare
 from d2v_engine.errors import UserError
-from d2v_engine.finetune import build_scheduler, lr_factor, param_groups
+from d2v_engine.finetune import (FinetuneOptions, build_scheduler, finetune_config, finetune_spec, lr_factor,
+                                 param_groups, run_start)
 from d2v_engine.finetune_data import LabelledSet, _encode_transcripts, batch_ids, choose_labels, remap_classes
 from d2v_engine.heads import FinetuneModel, layer_id, mix_images, random_resized_crop
 from d2v_engine.models.registry import build_encoder, get_spec
@@ -223,6 +224,18 @@ def test_audio_ctc_and_text_finetune(data_root, tmp_path):
     r = finetune(text, "--task", "wordnet", "--labels", "60", "train.steps=3", "train.batch_size=4",
                  "ds.precision=bf16")["wordnet"]
     assert r["metric"] == "accuracy" and 0 <= r["pretrained"] <= 1 and math.isfinite(r["pretrained"])
+
+
+def test_recipe_dropouts_reach_the_encoder(data_root, tmp_path):
+    """The recipe's drop path (and an override's layerdrop) shape the encoder, not only config.yaml."""
+    image = run_start(fake_run(tmp_path / "image", "debug_image.yaml", data_root / "fashion-mnist" / "train"))
+    cfg = finetune_config(image.base, "image", FinetuneOptions(task="fashion-mnist"), tmp_path / "ft")
+    assert cfg.model.drop_path > 0 and image.spec.transformer.drop_path != cfg.model.drop_path
+    assert finetune_spec(image, cfg).transformer.drop_path == cfg.model.drop_path
+    audio = run_start(fake_run(tmp_path / "audio", "debug_audio.yaml", data_root / "spoken-words" / "train"))
+    cfg = finetune_config(audio.base, "audio", FinetuneOptions(task="spoken-digits", overrides=["model.layerdrop=0.3"]),
+                          tmp_path / "ft2")
+    assert finetune_spec(audio, cfg).transformer.layerdrop == 0.3
 
 
 def test_user_errors(data_root, tmp_path, capsys):
