@@ -599,6 +599,23 @@ def plot_curves(curves: dict[str, list[dict]], metric: str, path: Path, task: st
     plt.close(fig)
 
 
+_SECONDS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+
+
+def label_budget(text: str) -> tuple[str, float]:
+    """`--labels`: ("labels", count or fraction), or ("label_seconds", s) for a duration like 10min or 1h."""
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if value <= 0 or (unit and unit not in _SECONDS):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a label budget: pass a count (600), a fraction "
+                                         "(0.01) or an amount of audio (10min, 1h, 90s)")
+    return ("label_seconds", value * _SECONDS[unit]) if unit else ("labels", value)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `d2v finetune` and of this script."""
     p.add_argument("--run", dest="run_dir", default=None, metavar="DIR", help="the pretraining run directory")
@@ -608,9 +625,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "DIR/finetune/finetune.json")
     p.add_argument("--task", required=True, help="fashion-mnist, spoken-digits, spoken-digits-5db, "
                    "spoken-words-ctc, wordnet, or custom")
-    p.add_argument("--labels", type=float, default=None, metavar="N|FRACTION",
-                   help="labelled training samples: a count, a fraction, or (CTC) minutes with 'min' "
-                        "via finetune.label_seconds")
+    p.add_argument("--labels", type=label_budget, default=None, metavar="N|FRACTION|DURATION",
+                   help="labelled training samples: a count (600), a fraction (0.01), or for CTC an amount "
+                        "of audio (10min, 1h, 90s: finetune.label_seconds)")
     p.add_argument("--config", default=None, metavar="FT.yaml", help="the recipe (default: configs/finetune_<modality>.yaml)")
     p.add_argument("--random-init", action="store_true", help="fine-tune the run's initial weights instead")
     p.add_argument("--compare", choices=("random-init",), default=None,
@@ -627,7 +644,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options(args: argparse.Namespace) -> FinetuneOptions:
     overrides = list(args.overrides)
     if args.labels is not None:
-        overrides.insert(0, f"finetune.labels={args.labels:g}")
+        key, value = args.labels
+        overrides.insert(0, f"finetune.{key}={value:g}")
     return FinetuneOptions(task=args.task, config=args.config, overrides=overrides,
                            random_init=args.random_init, compare=args.compare == "random-init",
                            data_root=args.data, train=args.train, test=args.test, ctc=args.ctc,

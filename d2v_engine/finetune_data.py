@@ -141,12 +141,18 @@ def load_split(name: str, task: FinetuneTask, cfg, spec, root: Path, split: str,
         if empty:
             echo(f"finetune: skipped {empty} sample(s) with an empty transcript in '{folder}'")
         raws, texts, labels = _encode_transcripts(raws, texts, vocab, folder, echo)
+        if split == "train" and ft.labels:
+            keep = choose_labels(len(raws), ft.labels, cfg.seed)
+            raws, texts, labels = [raws[i] for i in keep], [texts[i] for i in keep], [labels[i] for i in keep]
     else:
+        if ft.label_seconds:
+            raise UserError(f"finetune.label_seconds (a --labels duration) budgets transcribed audio; task "
+                            f"'{name}' classifies, so pass a count or a fraction of its samples.")
         raws, labels = read_labelled(folder, None, name, task.prepare)
         texts = None
-    if split == "train" and task.kind != "ctc":
-        keep = choose_labels(len(raws), ft.labels, cfg.seed)
-        raws, labels = [raws[i] for i in keep], labels[keep]
+        if split == "train":
+            keep = choose_labels(len(raws), ft.labels, cfg.seed)
+            raws, labels = [raws[i] for i in keep], labels[keep]
     if split == "test" and ft.test_limit:
         raws, labels = raws[:ft.test_limit], labels[:ft.test_limit]
         texts = texts[:ft.test_limit] if texts is not None else None

@@ -5,6 +5,7 @@ on the real prepared shards (cut down), through DeepSpeed in a subprocess, as a 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -18,8 +19,8 @@ from d2v_engine.config import load_config
 from d2v_engine.ctc import CharVocab
 from d2v_engine.data.prepare import PrepareOptions, prepare
 from d2v_engine.errors import UserError
-from d2v_engine.finetune import (FinetuneOptions, build_scheduler, finetune_config, finetune_spec, lr_factor,
-                                 param_groups, run_start)
+from d2v_engine.finetune import (FinetuneOptions, build_scheduler, finetune_config, finetune_spec, label_budget,
+                                 lr_factor, param_groups, run_start)
 from d2v_engine.finetune_data import LabelledSet, _encode_transcripts, batch_ids, choose_labels, remap_classes
 from d2v_engine.heads import FinetuneModel, layer_id, mix_images, random_resized_crop
 from d2v_engine.models.registry import build_encoder, get_spec
@@ -161,6 +162,13 @@ def test_label_budget_batches_and_bad_labels():
     assert len(choose_labels(1000, 0.25, 0)) == 250 and len(choose_labels(1000, 0, 0)) == 1000
     with pytest.raises(UserError, match="at most 1000"):
         choose_labels(1000, 5000, 0)
+    # --labels: a count, a fraction, or an amount of transcribed audio
+    assert label_budget("600") == ("labels", 600) and label_budget("0.01") == ("labels", 0.01)
+    assert label_budget("10min") == ("label_seconds", 600) and label_budget("1h") == ("label_seconds", 3600)
+    assert label_budget("90s") == ("label_seconds", 90)
+    for bad in ("ten", "5days", "0", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a label budget"):
+            label_budget(bad)
     # every sample once per epoch, split over ranks and micro-batches without overlap
     n, bs = 50, 10
     seen = np.concatenate([batch_ids(s, m, n, bs, r, 2, 1, 0) for s in range(5) for m in range(1) for r in range(2)])
@@ -214,10 +222,10 @@ def test_audio_ctc_and_text_finetune(data_root, tmp_path):
     from tokenizers import Tokenizer
 
     audio = fake_run(tmp_path / "audio", "debug_audio.yaml", data_root / "spoken-words" / "train")
-    r = finetune(audio, "--task", "spoken-words-ctc", "finetune.label_seconds=8", "train.steps=3",
+    r = finetune(audio, "--task", "spoken-words-ctc", "--labels", "3", "train.steps=3",
                  "train.batch_size=4", "finetune.freeze_steps=1", "ds.zero_stage=2")["spoken-words-ctc"]
     assert r["metric"] == "cer" and set(r["pretrained_scores"]) == {"wer", "cer"}
-    assert r["pretrained"] >= 0 and r["labels"] >= 1
+    assert r["pretrained"] >= 0 and r["labels"] == 3
     text_data = data_root / "text-corpus"
     vocab = Tokenizer.from_file(str(text_data / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     text = fake_run(tmp_path / "text", "debug_text.yaml", text_data / "train", vocab)
@@ -246,6 +254,8 @@ def test_user_errors(data_root, tmp_path, capsys):
     assert "fine-tunes text models" in capsys.readouterr().err
     assert cli.main(["finetune", "--run", str(run_dir), "--task", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli.main(["finetune", "--run", str(run_dir), "--task", "fashion-mnist", "--labels", "10min"]) == 2
+    assert "budgets transcribed audio" in capsys.readouterr().err
 
 
 def test_two_ranks_match_one(data_root, tmp_path):
