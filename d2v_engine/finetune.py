@@ -4,8 +4,8 @@
     d2v finetune --run DIR --task TASK [--labels N] [--compare random-init] [k=v ...]  # one process
     d2v finetune --hf-dir HF --out DIR --task TASK [...]     # a Hugging Face Data2Vec folder's encoder
 
-The config is the run's `config.yaml`, then the modality's recipe (`configs/finetune_<modality>.yaml`,
-or `--config`), then the overrides; it shares the pretraining sections (`train`, `ds`, `model`
+The config is the run's `config.yaml`, then the recipe (`configs/finetune_<modality>.yaml`, for CTC
+`finetune_audio_ctc.yaml`, or `--config`), then the overrides; it shares the pretraining sections (`train`, `ds`, `model`
 dropouts) and adds `finetune`. With `--hf-dir` the first layer comes from the folder instead
 (`hf.start`: the registry model of its shape, its preprocessing) and `DIR` below is `--out`. The
 loop is pretraining's pieces: DeepSpeed through `distributed` (ZeRO 0-2, bf16), the guards'
@@ -480,9 +480,20 @@ def save_finetuned(path: str | Path, model: torch.nn.Module, cfg: Config, kind: 
 
 
 # ------------------------------------------------------------------------------ the command
-def finetune_config(base: Path | dict, modality: str, opts: FinetuneOptions, out: Path) -> Config:
-    """The config of one fine-tuning run: `base` (the start's layer), the recipe, the overrides."""
-    recipe = Path(opts.config) if opts.config else RECIPES / f"finetune_{modality}.yaml"
+def recipe_path(modality: str, kind: str, opts: FinetuneOptions) -> Path:
+    """`--config`, else `configs/finetune_<modality>_ctc.yaml` for CTC (where it exists), else
+    `configs/finetune_<modality>.yaml`."""
+    if opts.config:
+        return Path(opts.config)
+    ctc = RECIPES / f"finetune_{modality}_ctc.yaml"
+    return ctc if kind == "ctc" and ctc.is_file() else RECIPES / f"finetune_{modality}.yaml"
+
+
+def finetune_config(base: Path | dict, modality: str, opts: FinetuneOptions, out: Path,
+                    kind: str = "classify") -> Config:
+    """The config of one fine-tuning run: `base` (the start's layer), the recipe of the modality and
+    the task's `kind`, the overrides."""
+    recipe = recipe_path(modality, kind, opts)
     if not recipe.is_file():
         raise UserError(f"no fine-tuning recipe at '{recipe}'; pass --config FT.yaml.")
     cfg = load_config([base, recipe],
@@ -524,7 +535,7 @@ def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.wr
     inits = [("random_init", None)] if opts.random_init else [("pretrained", start)]
     if opts.compare and not opts.random_init:
         inits.append(("random_init", None))
-    cfg0 = finetune_config(start.base, modality, opts, base)
+    cfg0 = finetune_config(start.base, modality, opts, base, task.kind)
     spec = finetune_spec(start, cfg0)
     root = data_root(start.cfg, EvalOptions(data_root=opts.data_root))
     vocab = CharVocab() if task.kind == "ctc" else None
@@ -538,7 +549,7 @@ def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.wr
     curves = {}
     for name, init in inits:
         out = base if name == "pretrained" or opts.random_init else base / "random_init"
-        cfg = finetune_config(start.base, modality, opts, out)
+        cfg = finetune_config(start.base, modality, opts, out, task.kind)
         state = None
         if init is not None:
             state = dict(init.student)
@@ -628,7 +639,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=label_budget, default=None, metavar="N|FRACTION|DURATION",
                    help="labelled training samples: a count (600), a fraction (0.01), or for CTC an amount "
                         "of audio (10min, 1h, 90s: finetune.label_seconds)")
-    p.add_argument("--config", default=None, metavar="FT.yaml", help="the recipe (default: configs/finetune_<modality>.yaml)")
+    p.add_argument("--config", default=None, metavar="FT.yaml", help="the recipe (default: configs/finetune_<modality>.yaml; CTC: finetune_audio_ctc.yaml)")
     p.add_argument("--random-init", action="store_true", help="fine-tune the run's initial weights instead")
     p.add_argument("--compare", choices=("random-init",), default=None,
                    help="also fine-tune from random init in the same command")

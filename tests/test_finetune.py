@@ -20,7 +20,7 @@ from d2v_engine.ctc import CharVocab
 from d2v_engine.data.prepare import PrepareOptions, prepare
 from d2v_engine.errors import UserError
 from d2v_engine.finetune import (FinetuneOptions, build_scheduler, finetune_config, finetune_spec, label_budget,
-                                 lr_factor, param_groups, run_start)
+                                 lr_factor, param_groups, recipe_path, run_start)
 from d2v_engine.finetune_data import LabelledSet, _encode_transcripts, batch_ids, choose_labels, remap_classes
 from d2v_engine.heads import FinetuneModel, layer_id, mix_images, random_resized_crop
 from d2v_engine.models.registry import build_encoder, get_spec
@@ -244,6 +244,11 @@ def test_recipe_dropouts_reach_the_encoder(data_root, tmp_path):
     cfg = finetune_config(audio.base, "audio", FinetuneOptions(task="spoken-digits", overrides=["model.layerdrop=0.3"]),
                           tmp_path / "ft2")
     assert finetune_spec(audio, cfg).transformer.layerdrop == 0.3
+    # CTC has its own recipe; --config replaces either
+    opts = FinetuneOptions(task="spoken-words-ctc")
+    assert recipe_path("audio", "ctc", opts).name == "finetune_audio_ctc.yaml"
+    assert recipe_path("audio", "classify", opts).name == "finetune_audio.yaml"
+    assert recipe_path("image", "ctc", FinetuneOptions(task="t", config="my.yaml")) == Path("my.yaml")
 
 
 def test_user_errors(data_root, tmp_path, capsys):
