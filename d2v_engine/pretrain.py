@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from d2v_engine.data.workers import stop_on_dead_worker
         from d2v_engine.trainer import Trainer
 
         trainer = Trainer(cfg)
-        trainer.train()
-        trainer.close()
+        with stop_on_dead_worker(trainer.worker_died):  # torch reports it wherever the loop is
+            trainer.train()
+            trainer.close()
     except UserError as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return 2

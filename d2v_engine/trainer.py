@@ -313,6 +313,18 @@ class Trainer:
                          f"steps in a row, more than train.max_skipped_steps={self.skips.limit}, so the run "
                          f"stops; {last}.")
 
+    def worker_died(self, death: str) -> UserError:
+        """The stop sentence when a data loader worker died (`data.workers`); stops the other workers.
+
+        Args:
+            death: what happened, e.g. "a data loader worker (pid 31242) was killed by signal 9 (SIGKILL)".
+        """
+        self.data.close()   # joins the surviving workers, which would otherwise outlive os._exit
+        latest = _read_latest(self.ckpt_dir)
+        resume = (f"resume with run.resume=true from {self.ckpt_dir / latest}" if latest else
+                  "no checkpoint was written before it, so start the run again")
+        return UserError(f"step {self.step + 1}: {death}, so the run stops; {resume}.")
+
     def _check_collapse(self, metrics: dict[str, float]) -> None:
         """One warning line (rank 0) when the targets have collapsed; with train.stop_on_collapse, the stop."""
         message = self.collapse.check(metrics)

@@ -2,6 +2,7 @@
 (`build_shards`), and the readers: `torch` (`webdataset`) and `dali` (`dali`).
 
 `build_loader` picks the reader named by `data.reader`; every reader yields the same batch layout.
+A `torch` reader worker that dies stops the run with one sentence (`workers`).
 """
 from d2v_engine.data.stream import BatchStream
 
