@@ -17,11 +17,13 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # Every module a stage imports; a missing one fails the setup stage with its name.
-REQUIRED = ("torch", "triton", "deepspeed", "webdataset", "soundfile", "PIL", "yaml", "tokenizers",
+REQUIRED = ("numpy", "torch", "triton", "deepspeed", "webdataset", "soundfile", "PIL", "yaml", "tokenizers",
             "matplotlib", "pytest", "d2v_engine.ops", "d2v_engine.kernels")
 
 
@@ -78,6 +80,7 @@ def measure_ceilings(out: Path, smoke: bool) -> int:
 
 def smooth_picture(rng: np.random.Generator, size: int) -> bytes:
     """A JPEG of a random 8x8 colour field upsampled to size x size, plus a little noise."""
+    import numpy as np
     from PIL import Image
 
     coarse = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
@@ -90,6 +93,7 @@ def smooth_picture(rng: np.random.Generator, size: int) -> bytes:
 
 def tone_clip(rng: np.random.Generator, seconds: float, rate: int = 16000) -> bytes:
     """A FLAC clip: two random tones plus noise."""
+    import numpy as np
     import soundfile
 
     t = np.arange(int(seconds * rate)) / rate
@@ -102,6 +106,8 @@ def tone_clip(rng: np.random.Generator, seconds: float, rate: int = 16000) -> by
 
 def write_shards(modality: str, folder: Path, smoke: bool) -> Path:
     """Synthetic shards of `modality` in `folder` (a text set gets tokenizer.json one folder up)."""
+    import numpy as np
+
     from d2v_engine.data.prepare_text import train_tokenizer
     from d2v_engine.data.shards import ShardSetWriter
 
