@@ -249,13 +249,17 @@ def main(op: str, cases: Callable[[bool], list[Case]], providers: list[Provider]
     for case in cases(args.quick):
         inputs = case.build(device)
         ceiling = copy_bandwidth(device, (32 if args.quick else 256) * 2**20)
-        rows += _run_case(case, inputs, chosen, device, ceiling, budget, context)
+        case_rows = _run_case(case, inputs, chosen, device, ceiling, budget, context)
         del inputs
+        rows += case_rows
+        if results_dir is not None:  # case by case: a run killed part way keeps the finished cases
+            _append_csv(case_rows, results_dir, op)
     _print_table(rows)
     if figures and not args.quick:
         check_figures(rows, figures)
-    if results_dir is not None:
-        _save(rows, results_dir, op)
+    if results_dir is not None and rows:
+        plot(rows, results_dir / f"{op}.png")
+        print(f"appended {len(rows)} rows to {results_dir / f'{op}.csv'}")
     return rows
 
 
@@ -316,7 +320,7 @@ def _print_table(rows: list[dict]) -> None:
         print(f"copy bandwidth before '{case}': {gbps:.2f} GB/s; bandwidth floor {floor:.3f} ms")
 
 
-def _save(rows: list[dict], results_dir: Path, op: str) -> None:
+def _append_csv(rows: list[dict], results_dir: Path, op: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{op}.csv"
     new = not path.exists()
@@ -325,8 +329,6 @@ def _save(rows: list[dict], results_dir: Path, op: str) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
-    plot(rows, results_dir / f"{op}.png")
-    print(f"appended {len(rows)} rows to {path}")
 
 
 def plot(rows: list[dict], path: Path) -> None:

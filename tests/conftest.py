@@ -15,6 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: the GPU checks (`make gpu-check` runs `pytest -m gpu`): the Triton kernels "
+        "against the reference and a few steps of each base model; on a CPU they run small (Triton's "
+        "interpreter, the debug models)")
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same random state, so failures reproduce."""

@@ -110,6 +110,7 @@ def test_first_layer_is_not_modified():
 @pytest.mark.parametrize("layer_norm,final_norm", [("instance", "none"), ("layer", "layer"),
                                                    ("none", "instance"), ("instance", "instance")])
 @pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.gpu
 def test_triton_backend_equals_make_targets(triton_device, layer_norm, final_norm, with_mask):
     shape = (8, 500, 768) if ON_GPU else (3, 7, 33)
     layers = [torch.randn(shape, device=triton_device).bfloat16() for _ in range(4)]

@@ -33,9 +33,11 @@ def available_backends() -> list[str]:
 
 
 def backend_params(names: tuple[str, ...] = ("reference", "cpp", "triton")) -> list:
-    """pytest params over `names`, the unavailable ones skipped with their reason."""
-    return [pytest.param(name, id=name, marks=pytest.mark.skipif(_why_not(name) is not None,
-                                                                 reason=_why_not(name) or ""))
+    """pytest params over `names`, the unavailable ones skipped with their reason; the triton ones
+    are also marked `gpu` (`make gpu-check` runs them)."""
+    return [pytest.param(name, id=name,
+                         marks=[pytest.mark.skipif(_why_not(name) is not None, reason=_why_not(name) or ""),
+                                *([pytest.mark.gpu] if name == "triton" else [])])
             for name in names]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.gpu  # `make gpu-check` runs these (pytest -m gpu)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -10,6 +10,8 @@ from triton_env import ON_GPU, triton_device  # noqa: F401  (fixture)
 from d2v_engine import ops
 from d2v_engine.ops.reference import ema_update_ref
 
+pytestmark = pytest.mark.gpu  # `make gpu-check` runs these (pytest -m gpu)
+
 # One element, odd sizes, a tensor spanning several 4096-element work items, an empty one.
 SHAPES = [(3, 341), (1,), (7, 5, 2), (2, 4100), (0, 4), (64,)]
 DECAY = 0.9998

@@ -11,6 +11,8 @@ from d2v_engine import ops
 from d2v_engine.errors import UserError
 from d2v_engine.ops.reference import make_targets_ref
 
+pytestmark = pytest.mark.gpu  # `make gpu-check` runs these (pytest -m gpu)
+
 NORMS = ("instance", "layer", "none")
 # (B, T, C, K): one row, T = 1, odd C, K = 1 and K = 8 (every block of an 8-block teacher).
 SHAPES = sizes([(1, 1, 33, 1), (2, 1, 16, 3), (3, 7, 341, 8), (4, 9, 33, 2)],

@@ -12,6 +12,8 @@ from triton_env import ON_GPU, sizes, triton_device  # noqa: F401  (fixture)
 from d2v_engine import ops
 from d2v_engine.ops.reference import regression_loss_ref
 
+pytestmark = pytest.mark.gpu  # `make gpu-check` runs these (pytest -m gpu)
+
 # (M, C): one row, one column, odd C, more rows than a program's tile.
 SHAPES = sizes([(1, 1), (1, 341), (37, 33), (130, 20)], [(16384, 768), (4096, 1024)])
 # (pred dtype, tolerance of the gradient). fp32 agrees to rounding. A low-precision gradient is
