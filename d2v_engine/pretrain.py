@@ -28,22 +28,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Config, build, train, close. Returns the exit status (2 for a user error)."""
+    """Config, build, train, close. Returns the exit status: 0 finished, 2 a user error, 3 stopped by
+    SIGTERM or SIGINT after writing a checkpoint (`preemption`)."""
     args = parse_args(argv)
     from d2v_engine.config import load_config
     from d2v_engine.errors import UserError
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from d2v_engine.preemption import PREEMPTED
         from d2v_engine.trainer import Trainer
 
         trainer = Trainer(cfg)
-        trainer.train()
-        trainer.close()
+        stopped = trainer.train()
+        trainer.close(plot=not stopped)
     except UserError as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED if stopped else 0
 
 
 if __name__ == "__main__":
