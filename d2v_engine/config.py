@@ -189,8 +189,8 @@ class TrainConfig:
     save_every: int = 0
     """Steps between checkpoints; 0 = only at the end (and on SIGTERM or SIGINT, see `preemption`)."""
     save_every_minutes: float = 0.0
-    """Minutes between checkpoints by rank 0's clock, beside `save_every` (the clock restarts at every
-    save); 0 = off."""
+    """Pretraining: minutes between checkpoints by rank 0's clock, beside `save_every` (the clock
+    restarts at every save); 0 = off."""
     keep_checkpoints: int = 2
     """Newest complete checkpoints kept on disk (the one `latest` names is never deleted)."""
     max_skipped_steps: int = 10
