@@ -4,8 +4,8 @@
 
 Per number of ranks: one uninterrupted run (the reference) and a second one (two runs of one config
 must log the same metrics), then `--trials` runs that get a real SIGTERM at a random moment: half of
-them a random time (up to 0.8 s, of about 1 s of training left) after the first metrics line, the
-other half as soon as one of the periodic checkpoints starts to be written (its folder appears).
+them a random time after the first metrics line (up to 7 of the step times it logged: the 10 steps
+left take longer), the other half as soon as one of the periodic checkpoints starts to be written (its folder appears).
 The signal goes to the run's whole process group, as SLURM signals every process of a job and a
 terminal's Ctrl-C its foreground group: with two ranks the DeepSpeed runner dies of it, the launcher
 forwards it to the ranks (which got it themselves as well: the copies), and the DataLoader workers
@@ -112,11 +112,12 @@ def trial(run_dir: Path, data: str, ranks: int, moment: str, rng: random.Random)
     proc = subprocess.Popen(command(run_dir, data, ranks), cwd=ROOT, env=environment(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     if moment == "step":
-        # a random time into training: after step 2's metrics line, within the ~1 s the other 10
-        # steps take (the stop line says which step, or save, the signal found)
-        delay = rng.uniform(0, 0.8)
-        target = f"{delay:.2f} s after step 2"
+        # a random time into the 10 steps after step 2's metrics line, by that line's step time
+        # (the stop line says which step, or save, the signal found)
         wait_for(lambda: lines_in(run_dir / "metrics.jsonl") >= 1)
+        step_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step_ms"] / 1000
+        delay = rng.uniform(0, 7 * step_s)   # steps 1-2 are the slowest: this ends before step 12
+        target = f"{delay:.2f} s after step 2"
         time.sleep(delay)
     else:
         step = rng.choice(range(SAVE_EVERY, STEPS, SAVE_EVERY))

@@ -14,6 +14,8 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import contextlib
+import traceback
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,9 +51,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        status = main()
+    except BaseException:   # a bug, or a closed stdout: the traceback, and the usual status 1
+        traceback.print_exc()
+        status = 1
+    with contextlib.suppress(OSError):   # a closed pipe refuses the flush too
+        sys.stdout.flush()
+        sys.stderr.flush()
     # Leave without interpreter teardown: two-rank ZeRO-3 on gloo can abort while destroying the
-    # process group after training and saving succeeded, which would turn success into a crash.
+    # process group after training and saving succeeded, which would turn success into a crash;
+    # and multiprocessing's exit would wait for DataLoader workers, which ignore SIGTERM.
     os._exit(status)

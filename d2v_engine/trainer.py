@@ -257,6 +257,17 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
                    dynamic_ncols=True, desc="pretrain")
         self.saved_at = time.monotonic()
+        try:
+            return self._loop(bar)
+        except BaseException:
+            # The workers ignore SIGTERM (`preemption`), and at exit multiprocessing terminates its
+            # daemon children with SIGTERM and then joins them: it would wait for them forever.
+            self.data.close()
+            raise
+
+    def _loop(self, bar: tqdm) -> bool:
+        """`train`'s loop, with the stop signals' handlers installed."""
+        cfg = self.cfg.train
         with self.signals:
             while self.step < cfg.steps:
                 self.signals.during(f"step {self.step + 1}")
