@@ -3,6 +3,7 @@ Kubernetes), and people press Ctrl-C.
 
     StopSignals           the training process's handlers: a first signal asks for a stop, a later one exits
     ignore_stop_signals   DataLoader workers' init function: both signals are the training process's
+                          (a SIGTERM from the worker's parent excepted)
     PREEMPTED             exit status of a run that a signal stopped after writing its checkpoint (3)
 
 The first SIGTERM or SIGINT only sets a flag. The trainer finishes the optimizer step it is in; at
@@ -98,11 +99,22 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a worker ignores SIGTERM and SIGINT, which the training process handles.
+    """DataLoader `worker_init_fn`: SIGINT and SIGTERM are the training process's, not the worker's.
 
     A terminal's Ctrl-C reaches the workers too (they share its process group), and the DeepSpeed
-    launcher signals a rank's whole process tree; a worker that died of it would fail the batch
-    the trainer is waiting for instead of letting it finish its step.
+    launcher and SLURM signal every process of a rank: a worker that died of it would fail the
+    batch the trainer is waiting for, instead of letting it finish its step. A SIGTERM from the
+    worker's own parent still ends it: the DataLoader's shutdown and multiprocessing's exit
+    terminate workers that way, and wait for them.
     """
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Blocked, SIGTERM waits for `_end_on_parents_sigterm`, which sees the sender (a handler does not).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True,
+                     name="parent-sigterm").start()
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
