@@ -187,7 +187,10 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics lines."""
     save_every: int = 0
-    """Steps between checkpoints; 0 = only at the end."""
+    """Steps between checkpoints; 0 = only at the end (and on SIGTERM or SIGINT, see `preemption`)."""
+    save_every_minutes: float = 0.0
+    """Pretraining: minutes between checkpoints by rank 0's clock, beside `save_every` (the clock
+    restarts at every save); 0 = off."""
     keep_checkpoints: int = 2
     """Newest complete checkpoints kept on disk (the one `latest` names is never deleted)."""
     max_skipped_steps: int = 10
@@ -496,6 +499,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.log_every > 0, "train.log_every must be positive"),
         (cfg.train.save_every >= 0, "train.save_every must be 0 (only at the end) or positive"),
+        (cfg.train.save_every_minutes >= 0, "train.save_every_minutes must be 0 (off) or positive"),
         (cfg.train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
         (cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps must be 0 (stop at the first) or positive"),
         (cfg.train.collapse_threshold >= 0, "train.collapse_threshold must be 0 (off) or positive"),

@@ -287,6 +287,26 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def cpu_group():
+    """A process group whose collectives run on the CPU: the default one under gloo, a new gloo group
+    under NCCL (a collective on a CPU tensor then waits for no kernel). Call it on every rank alike;
+    None with one rank, where no collective is needed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def all_reduce_max(values: Tensor, group=None) -> Tensor:
+    """The element-wise maximum over ranks of a small tensor (a new tensor), in `group` (`cpu_group`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    return values
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """`obj` from every rank, in rank order (one rank: `[obj]`)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -14,6 +14,8 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import contextlib
+import traceback
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Config, build, train, close. Returns the exit status (2 for a user error)."""
+    """Config, build, train, close. Returns the exit status: 0 finished, 2 a user error, 3 stopped by
+    SIGTERM or SIGINT after writing a checkpoint (`preemption`)."""
     args = parse_args(argv)
     from d2v_engine.config import load_config
     from d2v_engine.errors import UserError
@@ -36,22 +39,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from d2v_engine.data.workers import stop_on_dead_worker
+        from d2v_engine.preemption import PREEMPTED
         from d2v_engine.trainer import Trainer
 
         trainer = Trainer(cfg)
         with stop_on_dead_worker(trainer.worker_died):  # torch reports it wherever the loop is
-            trainer.train()
-            trainer.close()
+            stopped = trainer.train()
+            trainer.close(plot=not stopped)
     except UserError as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED if stopped else 0
 
 
 if __name__ == "__main__":
-    status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        status = main()
+    except BaseException:   # a bug, or a closed stdout: the traceback, and the usual status 1
+        traceback.print_exc()
+        status = 1
+    with contextlib.suppress(OSError):   # a closed pipe refuses the flush too
+        sys.stdout.flush()
+        sys.stderr.flush()
     # Leave without interpreter teardown: two-rank ZeRO-3 on gloo can abort while destroying the
-    # process group after training and saving succeeded, which would turn success into a crash.
+    # process group after training and saving succeeded, which would turn success into a crash;
+    # and multiprocessing's exit would wait for DataLoader workers, which ignore SIGTERM.
     os._exit(status)

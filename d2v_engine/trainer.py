@@ -3,7 +3,8 @@
     Trainer(cfg)              builds data, student, teacher and the DeepSpeed engine(s), resumes if asked
     .forward_backward_step    one micro-batch: targets, predictions, loss, backward
     .train_step               one optimizer step: `grad_accum` micro-batches, then the EMA update
-    .train                    the loop: steps, metrics lines, the guards (`guards`), checkpoints
+    .train                    the loop: steps, metrics lines, the guards (`guards`), checkpoints, and
+                              the stop on SIGTERM or SIGINT after a checkpoint (`preemption`)
     .save_checkpoint          DeepSpeed's checkpoint + client state, published atomically
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from d2v_engine.models.data2vec import Data2Vec, masked_std, std_across_samples
 from d2v_engine.models.data2vec2 import Data2Vec2
 from d2v_engine.models.objective import build_objective
 from d2v_engine.models.registry import build_encoder, get_spec, with_model_config, with_overrides
+from d2v_engine.preemption import PREEMPTED, StopSignals
 from d2v_engine.teacher import EMATeacher
 
 CHECKPOINT_META = "d2v.json"
@@ -97,6 +100,7 @@ class Trainer:
     teacher_engine: Any | None   # ZeRO-3 only: partitions the teacher, gathers it for its forward
     data: BatchStream
     logger: MetricsLogger
+    signals: StopSignals         # SIGTERM / SIGINT while `train` runs: stop after a checkpoint
     # runtime
     rank: int
     world_size: int
@@ -104,11 +108,14 @@ class Trainer:
     input_dtype: torch.dtype
     run_dir: Path
     ckpt_dir: Path
+    flags_group: Any             # the CPU process group of the per-step stop flags (`_agree`)
     # state
     step: int                    # optimizer steps completed, skipped ones included
     saved_step: int              # step of the newest published checkpoint, -1 = none
     skips: SkipStreak            # steps skipped in a row (non-finite loss or gradient)
     collapse: CollapseWatchdog   # logged steps in a row with collapsed targets
+    window: "_Window"            # the steps since the last metrics line (in checkpoints)
+    saved_at: float              # time.monotonic() of the last save (or of the loop's start)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -119,7 +126,11 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.saved_step = 0, -1
+        self.window, self.saved_at = _Window(), time.monotonic()
+        self.signals = StopSignals(self.rank)
+        self.flags_group = distributed.cpu_group()
         self._grad_norm: Tensor | float = float("nan")
+        self._stop_signum = 0   # the signal the ranks agreed to stop on (`_agree`), 0 = none
         self.skips = SkipStreak(cfg.train.max_skipped_steps)
         self.collapse = CollapseWatchdog(cfg.train.collapse_threshold, cfg.train.collapse_window)
 
@@ -235,29 +246,85 @@ class Trainer:
         return torch.stack(losses).mean(), stats, data_s, decay, True
 
     # ------------------------------------------------------------------------------ the loop
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to `train.steps`, unless SIGTERM or SIGINT stops the run early after a checkpoint.
+
+        Returns:
+            True when a signal stopped the run (its checkpoint written, `preemption`), False when
+            it reached `train.steps`.
+        """
         cfg = self.cfg.train
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
                    dynamic_ncols=True, desc="pretrain")
-        window = _Window()
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            loss, stats, data_s, decay, applied = self.train_step()
-            window.add(loss, time.perf_counter() - t0, data_s, applied)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                metrics, read, bad = self._metrics(window, stats, decay)
-                self.logger.log(metrics)
-                window = _Window()
-                self._check_bad_samples(read, bad)
-                self._check_collapse(metrics)
-            if self.skips.record(applied):
-                raise self._diverged()
-            if cfg.save_every and self.step % cfg.save_every == 0:
+        self.saved_at = time.monotonic()
+        try:
+            return self._loop(bar)
+        except BaseException:
+            # The workers ignore SIGTERM (`preemption`), and at exit multiprocessing terminates its
+            # daemon children with SIGTERM and then joins them: it would wait for them forever.
+            self.data.close()
+            raise
+
+    def _loop(self, bar: tqdm) -> bool:
+        """`train`'s loop, with the stop signals' handlers installed."""
+        cfg = self.cfg.train
+        with self.signals:
+            while self.step < cfg.steps:
+                self.signals.during(f"step {self.step + 1}")
+                t0 = time.perf_counter()
+                loss, stats, data_s, decay, applied = self.train_step()
+                self.window.add(loss, time.perf_counter() - t0, data_s, applied)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics, read, bad = self._metrics(self.window, stats, decay)
+                    self.logger.log(metrics)
+                    self.window = _Window()
+                    self._check_bad_samples(read, bad)
+                    self._check_collapse(metrics)
+                if self.skips.record(applied):
+                    raise self._diverged()
+                if self._save_then_stop():
+                    bar.close()
+                    self._report_stop()
+                    return True
+            bar.close()
+            if self.saved_step != self.step:
                 self.save_checkpoint()
-        bar.close()
-        if self.saved_step != self.step:
+        return False
+
+    def _save_then_stop(self) -> bool:
+        """The end of a step: save if `train.save_every` or `train.save_every_minutes` or a stop
+        signal says so; returns whether the run stops here. Every rank decides alike (`_agree`)."""
+        cfg = self.cfg.train
+        stop, timed = self._agree()
+        if stop or timed or (cfg.save_every and self.step % cfg.save_every == 0):
             self.save_checkpoint()
+            if not stop:   # a signal during the save: the checkpoint just written is of this step
+                stop, _ = self._agree()
+        return stop and self.step < cfg.steps
+
+    def _agree(self) -> tuple[bool, bool]:
+        """(stop, save by the clock), the same on every rank.
+
+        A stop signal that reached any rank stops all of them, and rank 0's clock alone decides
+        `train.save_every_minutes`. One all-reduce (MAX) of two numbers per step, on the CPU
+        (`distributed.cpu_group`), so that it waits for no kernel; none with one rank.
+        """
+        minutes = self.cfg.train.save_every_minutes
+        timed = self.rank == 0 and minutes > 0 and time.monotonic() - self.saved_at >= 60 * minutes
+        flags = torch.tensor([self.signals.signum or 0, timed], dtype=torch.int64)
+        signum, timed = distributed.all_reduce_max(flags, self.flags_group).tolist()
+        self._stop_signum = signum
+        return signum > 0, bool(timed)
+
+    def _report_stop(self) -> None:
+        """The one line (rank 0) of a run that a signal stopped: which signal, when, what was saved."""
+        if self.rank != 0:
+            return
+        when = (f"during {self.signals.received_in}" if self.signals.requested else "on another rank")
+        tqdm.write(f"pretrain: {signal.Signals(self._stop_signum).name} {when}: stopped after step "
+                   f"{self.step} of {self.cfg.train.steps} with checkpoint {self.ckpt_dir / _tag(self.step)}; "
+                   f"continue with run.resume=true (exit status {PREEMPTED})")
 
     def _metrics(self, window: "_Window", stats: dict[str, Tensor], decay: float
                  ) -> tuple[dict[str, float], int, int]:
@@ -350,6 +417,7 @@ class Trainer:
         the next save.)
         """
         tag = _tag(self.step)
+        self.signals.during(f"the save of step {self.step}")
         client_state = {
             "step": self.step,
             # every rank's reader position, in rank order: ranks skip different bad samples
@@ -358,6 +426,8 @@ class Trainer:
             "teacher_shapes": self.teacher.shapes,         # None unless sliced
             "rng": distributed.all_gather_objects(rng_state()),   # every rank's, in rank order
             "guards": {"skipped_in_a_row": self.skips.in_a_row, "collapse": self.collapse.state_dict()},
+            # the steps since the last metrics line: a resumed run logs the same next line
+            "window": self.window.state_dict(),
         }
         try:
             self._write_checkpoint(tag, client_state)
@@ -371,7 +441,7 @@ class Trainer:
                             f"run.resume=true.") from None
         if self.rank == 0:
             _prune_checkpoints(self.ckpt_dir, tag, self.cfg.train.keep_checkpoints)
-        self.saved_step = self.step
+        self.saved_step, self.saved_at = self.step, time.monotonic()
 
     def _write_checkpoint(self, tag: str, client_state: dict[str, Any]) -> None:
         """Write and publish `tag`; raises OSError when a write fails (`distributed.save_whole`)."""
@@ -409,6 +479,8 @@ class Trainer:
         if "guards" in client:   # checkpoints before the guards lack it
             self.skips.in_a_row = client["guards"]["skipped_in_a_row"]
             self.collapse.load_state_dict(client["guards"]["collapse"])
+        if "window" in client:   # checkpoints before preemption lack it (and were saved at log steps)
+            self.window = _Window.from_state(client["window"], self.device)
         position = client["data"]
         if isinstance(position, list):  # checkpoints before per-rank positions hold one dict
             position = position[self.rank]
@@ -436,12 +508,17 @@ class Trainer:
                 f"run.init_from=weights.safetensors.")
         return meta
 
-    def close(self) -> None:
-        """Stop the data workers, flush logs, leave in step with the other ranks, draw the plot."""
+    def close(self, plot: bool = True) -> None:
+        """Stop the data workers, flush logs, leave in step with the other ranks, draw the plot.
+
+        The barrier keeps every rank here until rank 0 has published the last checkpoint: the
+        DeepSpeed launcher stops the other ranks as soon as one exits with a status other than 0
+        (a stopped run's 3). A stopped run skips the plot, to leave within the launcher's grace time.
+        """
         self.data.close()  # joins the DataLoader workers, which would otherwise outlive os._exit
         self.logger.close()
         distributed.barrier()
-        if self.rank == 0:
+        if self.rank == 0 and plot:
             try:
                 plot_run(self.run_dir)
             except Exception as err:  # the plot is a convenience: never fail a finished run over it
@@ -498,6 +575,20 @@ class _Window:
     steps: int = 0
     seconds: float = 0.0
     data_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dataclasses.asdict(self)
+        if torch.is_tensor(self.loss_sum):
+            state["loss_sum"] = self.loss_sum.detach().cpu()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "_Window":
+        """The window of `state_dict`, its loss sum (bit for bit the same) back on `device`."""
+        state = dict(state)
+        if torch.is_tensor(state["loss_sum"]):
+            state["loss_sum"] = state["loss_sum"].to(device)
+        return cls(**state)
 
     def add(self, loss: Tensor, seconds: float, data_seconds: float, applied: bool = True) -> None:
         if applied:

@@ -9,12 +9,16 @@ every step, checkpoints at steps 6 and 12), so loss curves compare step by step:
 - the ZeRO-3 teacher's bytes per rank halve from one rank to two;
 - `d2v export` gathers the ZeRO-3 run's weights, and a one-rank run starts from them;
 - data2vec 2.0 (debug_image_v2) on two ranks under ZeRO-3 in bf16 tracks its one-rank fp32 curve;
-- a NaN on one rank only: both ranks skip the step, and both stop on the same one.
+- a NaN on one rank only: both ranks skip the step, and both stop on the same one;
+- SIGTERM to one rank (and its DataLoader worker) at a random step from 6 on: both ranks save that
+  step and exit with status 3, and metrics.jsonl, up to the signal a second run of the ZeRO-3 run's
+  config and then the resumed run, is that run's, bit for bit.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -69,6 +73,26 @@ def nan_input(self, batch):
     return batch
 
 Trainer._to_device = nan_input
+sys.argv[0] = {pretrain!r}
+runpy.run_path({pretrain!r}, run_name="__main__")
+"""
+
+# Run as a script under the launcher: SIGTERM rank 1 and its DataLoader worker (as the launcher
+# signals a rank's process tree) at the end of optimizer step {step}; rank 0 gets no signal.
+SIGTERM_ON_RANK_1 = """
+import os, psutil, runpy, signal, sys
+from d2v_engine.trainer import Trainer
+train_step = Trainer.train_step
+
+def signalled_step(self):
+    out = train_step(self)
+    if self.rank == 1 and self.step == {step}:
+        for child in psutil.Process().children(recursive=True):
+            child.send_signal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+Trainer.train_step = signalled_step
 sys.argv[0] = {pretrain!r}
 runpy.run_path({pretrain!r}, run_name="__main__")
 """
@@ -238,6 +262,29 @@ def test_a_nan_on_one_rank_is_skipped_on_both(images, tmp_path):
                for e in errors), errors
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2)]
+
+
+def test_sigterm_on_one_rank_stops_both_at_its_step_and_resumes_bit_exact(images, zero3, tmp_path):
+    """ZeRO-3: the ranks agree on the stop (one all-reduce per step), write one complete checkpoint of
+    that step and exit 3; resumed, the run logs exactly the uninterrupted run's metrics.jsonl."""
+    # A fresh step each run, 6..11: the steps before it are a second run of the fixture's config.
+    step = random.Random().randrange(6, 12)
+    run, driver = tmp_path / "run", tmp_path / "sigterm_on_rank_1.py"
+    driver.write_text(SIGTERM_ON_RANK_1.format(step=step, pretrain=str(PRETRAIN)))
+    zero3_args = ("ds.zero_stage=3", "train.activation_checkpointing=true")
+    stopped = launch(run, images, *zero3_args, script=driver)
+    assert stopped.returncode == 3, f"step {step}\n{stopped.stdout[-3000:]}\n{stopped.stderr[-3000:]}"
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step{step:08d}"
+    assert len(list((checkpoints / f"step{step:08d}").glob("zero_pp_rank_*_model_states.pt"))) == 2
+    assert (f"pretrain: SIGTERM on another rank: stopped after step {step} of 12 with checkpoint "
+            f"{checkpoints / f'step{step:08d}'}") in stopped.stdout
+
+    ok(launch(run, images, *zero3_args, "run.resume=true"))
+    timings = ("samples_per_s", "step_ms", "data_ms")
+    got, want = ([{k: v for k, v in json.loads(line).items() if k not in timings}
+                  for line in (folder / "metrics.jsonl").read_text().splitlines()] for folder in (run, zero3[0]))
+    assert got == want, step
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):

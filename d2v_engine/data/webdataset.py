@@ -23,6 +23,7 @@ from d2v_engine.data.shards import EXTENSIONS, list_shards, modality_of
 from d2v_engine.data.stream import BatchStream, Step, build_plan, label_of
 from d2v_engine.data.tarindex import ShardIndex, build_index
 from d2v_engine.errors import UserError
+from d2v_engine.preemption import ignore_stop_signals
 
 _PREPARE_HINT = {"image": "fashion-mnist", "audio": "spoken-words", "text": "text-corpus"}
 
@@ -89,7 +90,9 @@ class TorchBatchStream(BatchStream):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         loader = DataLoader(chunks, batch_size=None, sampler=range(len(chunks)),
                             num_workers=self.num_workers, collate_fn=_unbatched, generator=generator,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None,
+                            # SIGTERM and SIGINT are the trainer's: it finishes its step and saves
+                            worker_init_fn=ignore_stop_signals)
         good, read, bad = [], 0, []
         for chunk in loader:
             if isinstance(chunk, str):  # a user error (a config the masks refuse) met in a worker
