@@ -320,15 +320,19 @@ def _print_table(rows: list[dict]) -> None:
         print(f"copy bandwidth before '{case}': {gbps:.2f} GB/s; bandwidth floor {floor:.3f} ms")
 
 
-def _append_csv(rows: list[dict], results_dir: Path, op: str) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{op}.csv"
+def append_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Append `rows` to the CSV at `path` (the header first when the file is new); missing fields blank."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, restval="")
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def _append_csv(rows: list[dict], results_dir: Path, op: str) -> None:
+    append_csv(results_dir / f"{op}.csv", rows, COLUMNS)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -22,7 +22,6 @@ This folder is scripts only: nothing in the installed package imports it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -38,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, git_hash  # noqa: E402
+from harness import RESULTS, append_csv, git_hash  # noqa: E402
 
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
 STEPS, SAVE_EVERY = 12, 3
@@ -172,13 +171,7 @@ def main() -> None:
                                                             "exited_at_once", "bit_exact")), flush=True)
             summary.append(f"{ranks} rank(s): two uninterrupted runs identical: {same}; "
                            f"SIGTERM at {args.trials} random moments: {exact} of {args.trials} resumed bit-exact")
-    out = Path(args.results_dir) / "preemption.csv"
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    append_csv(Path(args.results_dir) / "preemption.csv", rows, COLUMNS)
     print("\n".join(summary))
     print(f"rows appended to {out}")
 

@@ -16,7 +16,6 @@ This folder is scripts only: nothing in the installed package imports it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import socket
@@ -28,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, git_hash  # noqa: E402
+from harness import RESULTS, append_csv, git_hash  # noqa: E402
 
 PRETRAIN = ROOT / "d2v_engine" / "pretrain.py"
 RECIPE = ("train.steps=12", "train.log_every=1", "train.warmup_steps=2", "train.progress=false",
@@ -119,12 +118,7 @@ def main() -> None:
         print(f"{variant:<40} vs {base:<20} identical {identical!s:<5} max rel loss diff {worst:.2e}"
               + (f" (first at step {first})" if first != "" else ""))
     out = Path(args.results_dir) / "reproducibility.csv"
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(out, rows, COLUMNS)
     print(f"rows appended to {out}")
 
 
