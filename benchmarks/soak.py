@@ -166,7 +166,10 @@ def summarize(rows: list[dict], steps: int, after: int, window: int, limit_pct: 
     for key in ("fds_main", "fds_workers", "threads_main", "workers"):
         values = [r[key] for r in training]
         out[f"{key}_min"], out[f"{key}_max"] = min(values), max(values)
-        out[f"{key}_at_{after}"], out[f"{key}_end"] = first[0][key], last[-1][key]
+        # Window medians, as for memory: single samples peak now and then, while a save's files or
+        # the shared memory of batches in flight from the workers are open.
+        out[f"{key}_at_{after}"] = statistics.median_low(r[key] for r in first)
+        out[f"{key}_end"] = statistics.median_low(r[key] for r in last)
     out["rss_target_pct"] = limit_pct
     # The target: the training process's RSS, and the memory of the whole run (PSS of the training
     # process and its workers: a worker forked later maps more of the trainer's pages, shared).

@@ -207,7 +207,7 @@ class BatchStream:
     def _end_epoch(self) -> None:
         """Roll over to the next epoch; a whole epoch without one batch is hopeless."""
         no_batch = self._from_start and self.batch == 0
-        self.close()
+        self._drop_iter()
         if no_batch:
             raise UserError(f"fewer than {self.batch_size} of the {self.plan.per_epoch} samples that "
                             f"rank {self.rank} reads per epoch from {Path(self.index.shards[0]).parent} "
@@ -254,11 +254,15 @@ class BatchStream:
         """(shard file name, key) of global sample `i`, for logs."""
         return Path(self.index.shards[self.index.shard_of[i]]).name, self.index.keys[i]
 
-    def close(self) -> None:
-        """Stop this epoch's decoding (workers, pipelines); the next batch starts afresh."""
+    def _drop_iter(self) -> None:
+        """End the epoch's generator (readers may keep their workers for the next epoch)."""
         if self._iter is not None:
             self._iter.close()
         self._iter = None
+
+    def close(self) -> None:
+        """Stop decoding (workers, pipelines); the next batch starts afresh."""
+        self._drop_iter()
 
 
 def label_of(raw: dict[str, bytes]) -> int:

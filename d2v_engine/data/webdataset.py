@@ -10,9 +10,11 @@ uninterrupted stream yields from there, without decoding what it skips.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,24 +30,31 @@ from d2v_engine.preemption import ignore_stop_signals
 _PREPARE_HINT = {"image": "fashion-mnist", "audio": "spoken-words", "text": "text-corpus"}
 
 
-class EpochChunks(Dataset):
-    """Chunk c of one epoch's order (from a start offset), decoded in a DataLoader worker.
+class RunChunks(Dataset):
+    """Chunks of a run's epoch orders, decoded in a DataLoader worker; item `(epoch, start, c)` holds
+    the samples `start + c * chunk` onwards of the epoch's order.
 
     Each item is a list of (offset, global index, decoded sample or None, label, error or None)
     per sample of the chunk, in order; or the message of a `UserError` (a config the masks refuse).
+    One dataset serves every epoch, so that the workers are forked once per run: a worker forked
+    later, from a training process that has grown, holds more private memory (copy-on-write pages
+    the child touches), which the soak measured as a one-time step at the second epoch.
     """
 
-    def __init__(self, index: ShardIndex, batcher, order: np.ndarray, *, start: int, chunk: int,
-                 epoch: int):
-        self.index, self.batcher, self.order = index, batcher, order
-        self.start, self.chunk, self.epoch = start, chunk, epoch
+    def __init__(self, index: ShardIndex, batcher, order_of: Callable[[int], np.ndarray], *, chunk: int):
+        self.index, self.batcher, self.order_of, self.chunk = index, batcher, order_of, chunk
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def __len__(self) -> int:
-        return math.ceil((len(self.order) - self.start) / self.chunk)
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's order, computed once per epoch in each worker."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.order_of(epoch))
+        return self._order[1]
 
-    def __getitem__(self, c: int) -> list[tuple] | str:
-        lo = self.start + c * self.chunk
-        ids = self.order[lo:lo + self.chunk].tolist()
+    def __getitem__(self, key: tuple[int, int, int]) -> list[tuple] | str:
+        epoch, start, c = key
+        lo = start + c * self.chunk
+        ids = self.order(epoch)[lo:lo + self.chunk].tolist()
         raws, errors = [], {}
         for k, i in enumerate(ids):
             try:
@@ -54,9 +63,8 @@ class EpochChunks(Dataset):
                 raws.append({})
                 errors[k] = err
         try:
-            decoded = self.batcher.decode_many(raws, ids, epoch=self.epoch)
+            decoded = self.batcher.decode_many(raws, ids, epoch=epoch)
         except UserError as err:
-            # Raised in a worker, the DataLoader would re-raise it wrapped in a traceback text.
             return str(err)
         out = []
         for k, (i, raw, sample) in enumerate(zip(ids, raws, decoded)):
@@ -66,6 +74,26 @@ class EpochChunks(Dataset):
             else:
                 out.append((lo + k, i, sample, label_of(raw), None))
         return out
+
+
+@dataclass
+class ChunkKeys:
+    """The `RunChunks` keys from `offset` of `epoch` on, through every later epoch (the sampler)."""
+    per_epoch: int
+    chunk: int
+    epoch: int
+    offset: int
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch, offset = self.epoch, self.offset
+        while True:
+            yield from ((epoch, offset, c) for c in range(chunks_left(self.per_epoch, offset, self.chunk)))
+            epoch, offset = epoch + 1, 0
+
+
+def chunks_left(per_epoch: int, offset: int, chunk: int) -> int:
+    """Chunks of `chunk` samples from `offset` to the end of an epoch of `per_epoch` samples."""
+    return math.ceil((per_epoch - offset) / chunk)
 
 
 def _unbatched(item):
@@ -78,23 +106,49 @@ class TorchBatchStream(BatchStream):
 
     def __init__(self, *args, num_workers: int, **kwargs):
         self.num_workers = num_workers
+        self._chunks: Iterator[list[tuple] | str] | None = None
+        self._next: tuple[int, int] | None = None  # (epoch, offset) the loader's next chunk starts at
         super().__init__(*args, **kwargs)
 
-    def _steps(self, epoch: int, offset: int) -> Iterator[Step]:
-        """Batches of the next `batch_size` decodable samples of the epoch's order, then the end."""
-        order = self.order(epoch)
-        chunks = EpochChunks(self.index, self.batcher, order, start=offset, chunk=self.batch_size,
-                             epoch=epoch)
+    def _loader(self, epoch: int, offset: int) -> Iterator[list[tuple] | str]:
+        """Decoded chunks from `offset` of `epoch` on, epoch after epoch, from fresh workers."""
+        chunks = RunChunks(self.index, self.batcher, functools.partial(self.plan.order, self.seed),
+                           chunk=self.batch_size)
         # An explicit generator: otherwise creating the loader draws from the global torch RNG, and
         # a resumed run would see different dropout than an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        loader = DataLoader(chunks, batch_size=None, sampler=range(len(chunks)),
+        loader = DataLoader(chunks, batch_size=None,
+                            sampler=ChunkKeys(self.plan.per_epoch, self.batch_size, epoch, offset),
                             num_workers=self.num_workers, collate_fn=_unbatched, generator=generator,
                             prefetch_factor=2 if self.num_workers else None,
                             # SIGTERM and SIGINT are the trainer's: it finishes its step and saves
                             worker_init_fn=ignore_stop_signals)
+        return iter(loader)
+
+    def _steps(self, epoch: int, offset: int) -> Iterator[Step]:
+        """The run's steps: one loader (one set of workers) carries on from epoch to epoch, and is
+        replaced only when the stream is asked for another place (after `close`, or a stop mid-epoch)."""
+        if self._chunks is None or self._next != (epoch, offset):
+            self._chunks = None  # its workers stop as the iterator is dropped
+            self._chunks = self._loader(epoch, offset)
+        self._next = None  # mid-epoch until the epoch's last chunk is taken
+        read, bad = yield from self._epoch_steps(self._chunks, chunks_left(self.plan.per_epoch, offset,
+                                                                           self.batch_size))
+        self._next = (epoch + 1, 0)
+        yield Step(None, [], [], self.plan.per_epoch, read, bad)
+
+    def decoded(self, epoch: int) -> Iterator[Step]:
+        """As `BatchStream.decoded`, from a loader of its own (the run's keeps its place)."""
+        read, bad = yield from self._epoch_steps(self._loader(epoch, 0),
+                                                 chunks_left(self.plan.per_epoch, 0, self.batch_size))
+        yield Step(None, [], [], self.plan.per_epoch, read, bad)
+
+    def _epoch_steps(self, chunks: Iterator[list[tuple] | str], n: int):
+        """Batches of the next `batch_size` decodable samples of `n` chunks; returns what is left
+        over (samples read and bad samples that no batch took)."""
         good, read, bad = [], 0, []
-        for chunk in loader:
+        for _ in range(n):
+            chunk = next(chunks)
             if isinstance(chunk, str):  # a user error (a config the masks refuse) met in a worker
                 raise UserError(chunk)
             for k, i, sample, label, error in chunk:
@@ -107,7 +161,12 @@ class TorchBatchStream(BatchStream):
                     index, samples, labels = zip(*good)
                     yield Step(list(samples), list(index), list(labels), k + 1, read, bad)
                     good, read, bad = [], 0, []
-        yield Step(None, [], [], len(order), read, bad)
+        return read, bad
+
+    def close(self) -> None:
+        """Stop decoding: the workers exit; the next batch starts a fresh loader."""
+        super().close()
+        self._chunks, self._next = None, None
 
 
 def find_tokenizer(cfg, shards: list[Path]) -> str:

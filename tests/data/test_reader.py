@@ -5,6 +5,7 @@ Bad input (both readers) is tested in test_bad_input.py, the `dali` reader in te
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -171,6 +172,33 @@ def test_workers_give_the_same_batches(shard_sets):
     serial = take(stream_for(shard_sets, "image")[0], 4)
     parallel = take(stream_for(shard_sets, "image", "data.num_workers=2")[0], 4)
     assert_same_batches(serial, parallel)
+
+
+def test_workers_live_across_epochs_and_restart_after_close(shard_sets):
+    """One set of workers reads epoch after epoch (a worker forked later, from a grown training
+    process, holds more private memory); the batches are those of the serial reader."""
+    others = {p.pid for p in multiprocessing.active_children()}      # earlier tests' streams
+
+    def workers() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children()} - others
+
+    stream = stream_for(shard_sets, "image", "data.num_workers=2")[0]
+    n = 2 * stream.batches_per_epoch + 2                            # crosses two epoch boundaries
+    seen = []
+    for _ in range(n):
+        next(stream)
+        seen.append(workers())
+    assert len(seen[0]) == 2 and all(w == seen[0] for w in seen)
+    assert stream.state_dict()["epoch"] == 2
+    stream.close()                                                  # its workers stop
+    assert not workers()
+    serial = take(stream_for(shard_sets, "image")[0], n + 1)
+    again = stream_for(shard_sets, "image", "data.num_workers=2")[0]
+    assert_same_batches(serial[:n], take(again, n))
+    first = workers()
+    again.close()                                                   # the next batch starts new workers
+    assert_same_batches(serial[n:], take(again, 1))
+    assert len(first) == 2 and len(workers()) == 2 and not first & workers()
 
 
 def test_ranks_read_disjoint_shards(shard_sets):
