@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from d2v_engine import cpu_threads
 from d2v_engine.config import Config
 from d2v_engine.errors import UserError
 
@@ -48,34 +49,33 @@ def set_single_process_env() -> None:
 
 def init_distributed() -> tuple[int, int]:
     """Start the process group (NCCL on GPUs, gloo on CPUs); returns (rank, world_size)."""
-    import deepspeed
-
     set_single_process_env()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if not torch.cuda.is_available():
         share_cpu_cores()
+        if int(os.environ["RANK"]) == 0:  # the run's first line, before DeepSpeed's own
+            print(cpu_threads.CHOSEN.line(), flush=True)
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
 def share_cpu_cores() -> int:
-    """Give each CPU rank its share of this machine's cores, unless OMP_NUM_THREADS says otherwise.
+    """Set this CPU rank's intra-op threads (`cpu_threads.choose_threads`) and return the count.
 
-    torch starts one thread per core in every process, so N ranks on one machine oversubscribe the
-    cores N times over (torchrun sets OMP_NUM_THREADS=1 for this reason; DeepSpeed's launcher only
-    with --bind_cores_to_rank). The launcher says how many ranks share the machine (LOCAL_SIZE for
-    DeepSpeed's, LOCAL_WORLD_SIZE for torchrun's).
-
-    Returns:
-        the number of intra-op threads this rank uses.
+    torch starts one thread per core in every process, so N ranks on one machine would oversubscribe
+    the cores N times over (torchrun sets OMP_NUM_THREADS=1 for this reason; DeepSpeed's launcher only
+    with --bind_cores_to_rank): each rank takes its share. The launcher says how many ranks share
+    the machine (LOCAL_SIZE for DeepSpeed's, LOCAL_WORLD_SIZE for torchrun's). A rank alone on the
+    machine also leaves the cores that other processes keep busy. The choice is kept for the log
+    (`cpu_threads.CHOSEN`).
     """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
     local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // max(1, local))
-    if threads < torch.get_num_threads():
-        torch.set_num_threads(threads)
+    choice = cpu_threads.choose_threads(local, torch.get_num_threads())
+    if choice.threads != torch.get_num_threads():
+        torch.set_num_threads(choice.threads)
+    cpu_threads.CHOSEN = choice
     return torch.get_num_threads()
 
 

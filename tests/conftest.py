@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+# The suite runs beside itself (subprocess runs, builds): a thread count chosen from the load of the
+# moment (`cpu_threads`) would make runs that tests compare bit for bit differ. Its own tests unset it.
+os.environ.setdefault("D2V_THREADS", "off")
+
 if not torch.cuda.is_available():
     # Triton kernels run on a CPU only under the interpreter, and the switch is read when triton is
     # first imported (torch.compile imports it too): set it before any test module loads.

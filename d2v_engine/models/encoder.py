@@ -140,6 +140,25 @@ def build_attn_mask(attn_bias: Tensor | None, padding_mask: Tensor | None, dtype
     return pad if attn_bias is None else attn_bias.to(dtype) + pad
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over [B, H, T, D] heads.
+
+    `F.scaled_dot_product_attention`, except for bf16 and fp16 on a CPU: there its fused kernel
+    (and its math fallback, which computes in fp32) took 1.6-2.2x the time of two batched matmuls
+    and a softmax in the input dtype at the small models' shapes (`benchmarks/bench_encoder.py`),
+    and its backward twice as long. The softmax runs in the input dtype with fp32 accumulation.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = scores.softmax(dim=-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return torch.matmul(weights, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v projections, on `F.scaled_dot_product_attention`.
 
@@ -179,7 +198,7 @@ class Attention(nn.Module):
             own = self.relative_position_bias().to(q.dtype)
             attn_mask = own if attn_mask is None else attn_mask + own
         p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        out = attend(q, k, v, attn_mask, p)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
 
 

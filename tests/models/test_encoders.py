@@ -368,3 +368,33 @@ def test_circular_position_convolution_leaves_no_absolute_position():
             assert_close(rolled, out.roll(7, dims=1), rtol=1e-4, atol=1e-4)
         else:
             assert (rolled - out.roll(7, dims=1)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, masked", [(50, False), (37, True)])
+def test_low_precision_cpu_attention_matches_fp32(dtype, T, masked):
+    """`attend` on a CPU in bf16/fp16 (two matmuls and a softmax, not SDPA's kernel) against fp32
+    SDPA on the same rounded inputs: outputs and gradients within the low precision's rounding."""
+    from d2v_engine.models.encoder import attend
+
+    B, H, D = 4, 3, 64
+    q, k, v = (torch.randn(B, H, T, D).to(dtype) for _ in range(3))
+    bias = torch.randn(1, H, T, T).to(dtype)
+    padding = torch.rand(B, T) < 0.3 if masked else None
+    mask = build_attn_mask(bias, padding, dtype)
+    low = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    out = attend(*low, mask, 0.0)
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=mask.float())
+    assert out.dtype == dtype
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=5e-3, rtol=5e-3)
+    assert_close(out.float(), want, **tol)
+    g = torch.randn_like(want)
+    out.backward(g.to(dtype))
+    want.backward(g)
+    for got, exp in zip(low, ref):
+        assert_close(got.grad.float(), exp.grad, atol=10 * tol["atol"], rtol=10 * tol["rtol"])
+    # fp32 keeps SDPA's result exactly
+    f32 = attend(q.float(), k.float(), v.float(), mask.float(), 0.0)
+    assert torch.equal(f32, torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                                               attn_mask=mask.float()))
