@@ -10,9 +10,9 @@ ranks) less the cores other processes kept busy while the rank started (`busy_co
 (README, "Reproducibility"), so the count never changes mid-run.
 
 The wait is libgomp's: a thread that finishes its part of a region first spins (300,000 iterations)
-before it sleeps. Measured on this repository's 2-core machine (README, "Training beside other
-work"), a shorter spin or a passive wait cost the idle step 8-35% and did not help two threads
-beside a busy process; only the thread count did. `OMP_WAIT_POLICY` / `GOMP_SPINCOUNT` still
+before it sleeps. Measured on this repository's 2-core machine (README, "The CPU step, and training
+beside other work"), a shorter spin or a passive wait cost the idle step 6-20% and did not help two
+threads beside a busy process; only the thread count did. `OMP_WAIT_POLICY` / `GOMP_SPINCOUNT` still
 change it, and the log line says which wait is in force.
 
 `D2V_THREADS`: `auto` (the default) as above; a number: that many threads; `off`: torch's own
@@ -84,7 +84,7 @@ def _own_ticks() -> int:
 def busy_cores(seconds: float = 0.3) -> float:
     """Cores of this process's affinity that other processes kept busy over the next `seconds`
     (0.0 where /proc is missing). This process and its children (DataLoader workers) are not others."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = _cpus()
     try:
         busy0, all0 = _busy_ticks(cpus)
         own0 = _own_ticks()
@@ -100,9 +100,14 @@ def busy_cores(seconds: float = 0.3) -> float:
     return max(0.0, cores * others / (all1 - all0))
 
 
+def _cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """How many cores this process may run on."""
+    return len(_cpus())
 
 
 @dataclass

@@ -65,6 +65,7 @@ class RunChunks(Dataset):
         try:
             decoded = self.batcher.decode_many(raws, ids, epoch=epoch)
         except UserError as err:
+            # Raised in a worker, the DataLoader would re-raise it wrapped in a traceback text.
             return str(err)
         out = []
         for k, (i, raw, sample) in enumerate(zip(ids, raws, decoded)):

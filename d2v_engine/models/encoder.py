@@ -144,9 +144,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p:
     """softmax(q k^T / sqrt(d) + mask) v over [B, H, T, D] heads.
 
     `F.scaled_dot_product_attention`, except for bf16 and fp16 on a CPU: there its fused kernel
-    (and its math fallback, which computes in fp32) took 1.6-2.2x the time of two batched matmuls
-    and a softmax in the input dtype at the small models' shapes (`benchmarks/bench_encoder.py`),
-    and its backward twice as long. The softmax runs in the input dtype with fp32 accumulation.
+    and its math fallback took 2.1-2.9x the time of two batched matmuls and a softmax in the input
+    dtype in the forward, and 2.2-4.5x forward + backward, at the `image_small` and `image_base`
+    shapes (`benchmarks/bench_encoder.py`). The softmax runs in the input dtype.
     """
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
