@@ -265,10 +265,9 @@ def _add_finetune(subparsers) -> None:
 
 
 def _run_finetune(args) -> int:
-    from d2v_engine.finetune import options, run_finetune
+    from d2v_engine.finetune import PREEMPTED, options, run_finetune
 
-    run_finetune(args.run_dir, options(args))
-    return 0
+    return PREEMPTED if run_finetune(args.run_dir, options(args)) is None else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

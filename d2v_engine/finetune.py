@@ -15,6 +15,9 @@ A fine-tuning run lives in `DIR/finetune/TASK/` (and `.../random_init/` for the 
 config.yaml, metrics.jsonl, test.jsonl (the test metric every `finetune.eval_every` steps),
 tensorboard/, checkpoints/ (resumable with run.resume=true) and `model.safetensors` (encoder and
 head, `FINETUNE_FORMAT`). `DIR/finetune/finetune.json` gathers the figures of every task run.
+SIGTERM or SIGINT stops a run after the step in progress with its checkpoint (exit status 3, as
+pretraining's `preemption`); the same command with run.resume=true continues it. A fresh run in a
+used folder first removes the earlier run's records and checkpoints (`OWN_FILES`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from tqdm import tqdm
 from d2v_engine import distributed
 from d2v_engine.config import Config, dump_config, load_config
 from d2v_engine.errors import UserError
+from d2v_engine.preemption import PREEMPTED, StepEndStops, StopSignals
 
 if TYPE_CHECKING:
     from d2v_engine.models.spec import ModelSpec
@@ -48,6 +52,8 @@ FINETUNE_FORMAT = "d2v-finetune-1"
 FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "step_ms", "skipped_steps")
 """The fields of every fine-tuning `metrics.jsonl` record."""
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
+OWN_FILES = ("metrics.jsonl", "test.jsonl", "tensorboard", "checkpoints", "model.safetensors", "curve.png")
+"""What one fine-tuning run writes in its folder, besides the config files a new run overwrites."""
 
 
 @dataclass
@@ -221,7 +227,7 @@ def build_scheduler(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR
 
 
 # ------------------------------------------------------------------------------ the loop
-class Finetuner:
+class Finetuner(StepEndStops):
     """One fine-tuning run: model, engine, data, steps, tests, checkpoints, the final weights."""
 
     def __init__(self, cfg: Config, spec, state: dict | None, task, train, test, classes: list[int] | None,
@@ -254,15 +260,33 @@ class Finetuner:
         self.skips = SkipStreak(cfg.train.max_skipped_steps)
         self.curve: list[dict[str, float]] = []
         self.classes = classes
+        self.signals = StopSignals(rank, program="finetune")
+        self.flags_group = distributed.cpu_group()
+        resuming = cfg.run.resume and (self.ckpt_dir / "latest").is_file()
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resuming:
+                self._start_over()
             dump_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
             (self.run_dir / "git.txt").write_text(git_record() + "\n")
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, enabled=rank == 0, echo=echo,
                                     fields=FIELDS, formatter=line)
-        if cfg.run.resume:
+        if resuming:
             self.load_checkpoint()
+
+    def _start_over(self) -> None:
+        """A fresh run in a folder an earlier fine-tuning used: its records, events and checkpoints go
+        (a later `run.resume=true` would otherwise continue the old run, and `test.jsonl` mix both).
+        The random-init twin's folder below it is its own run's."""
+        import shutil
+
+        old = [p for p in (self.run_dir / n for n in OWN_FILES) if p.exists()]
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if old:
+            self.echo(f"finetune: a fresh run in {self.run_dir}: removed the earlier run's "
+                      + ", ".join(p.name for p in old) + " (run.resume=true continues a run instead)")
 
     # -------------------------------------------------------------------------- a step
     def _to_device(self, batch: dict) -> dict:
@@ -320,13 +344,29 @@ class Finetuner:
         self.step += 1
         return torch.stack(losses).mean(), self.engine.was_step_applied()
 
-    def train(self) -> None:
-        t, ft = self.cfg.train, self.cfg.finetune
+    def train(self) -> bool:
+        """Fine-tune to `train.steps`, unless SIGTERM or SIGINT stops the run early after a checkpoint
+        (as pretraining's `Trainer.train`). Returns whether a signal stopped it."""
+        t = self.cfg.train
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress,
-                   dynamic_ncols=True, desc=f"finetune {ft.task}")
+                   dynamic_ncols=True, desc=f"finetune {self.cfg.finetune.task}")
+        self.started, self.saved_at = time.perf_counter(), time.monotonic()
+        with self.signals:
+            stopped = self._loop(bar)
+        bar.close()
+        if stopped:
+            self._report_stop(self.echo)
+            return True
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        self.save_weights()
+        return False
+
+    def _loop(self, bar: tqdm) -> bool:
+        t, ft = self.cfg.train, self.cfg.finetune
         loss_sum, applied, steps, seconds = 0.0, 0, 0, 0.0
-        self.started = time.perf_counter()
         while self.step < t.steps:
+            self.signals.during(f"step {self.step + 1}")
             t0 = time.perf_counter()
             loss, ok = self.train_step()
             seconds += time.perf_counter() - t0
@@ -349,13 +389,11 @@ class Finetuner:
                                 f"{self.skips.in_a_row} steps in a row, more than train.max_skipped_steps="
                                 f"{self.skips.limit}; lower train.lr or use ds.precision=fp32.")
             if (ft.eval_every and self.step % ft.eval_every == 0) or self.step == t.steps:
+                self.signals.during(f"the test at step {self.step}")
                 self.record_test()
-            if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.saved_step != self.step:
-            self.save_checkpoint()
-        self.save_weights()
+            if self._save_then_stop():
+                return True
+        return False
 
     # -------------------------------------------------------------------------- the test set
     @torch.no_grad()
@@ -404,6 +442,7 @@ class Finetuner:
         from d2v_engine.trainer import _prune_checkpoints, _tag, _write_atomic, rng_state
 
         tag = _tag(self.step)
+        self.signals.during(f"the save of step {self.step}")
         state = {"step": self.step, "rng": distributed.all_gather_objects(rng_state()),
                  "curve": self.curve, "skipped_in_a_row": self.skips.in_a_row}
         try:
@@ -418,7 +457,7 @@ class Finetuner:
                             f"free space there and resume with run.resume=true.") from None
         if self.rank == 0:
             _prune_checkpoints(self.ckpt_dir, tag, self.cfg.train.keep_checkpoints)
-        self.saved_step = self.step
+        self.saved_step, self.saved_at = self.step, time.monotonic()
 
     def load_checkpoint(self) -> None:
         from d2v_engine.trainer import set_rng_state
@@ -439,6 +478,13 @@ class Finetuner:
         self.skips.in_a_row = client["skipped_in_a_row"]
         set_rng_state(client["rng"][self.rank])
         if self.rank == 0:
+            # The records of steps after the checkpoint are of the run that stopped: they are redone.
+            (self.run_dir / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.curve))
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                kept = [x for x in metrics.read_text().splitlines(keepends=True)
+                        if x.strip() and json.loads(x)["step"] <= self.step]
+                metrics.write_text("".join(kept))   # the logger appends (O_APPEND) after what is kept
             self.echo(f"resumed fine-tuning from {path} at step {self.step}")
 
     def save_weights(self) -> None:
@@ -503,14 +549,15 @@ def finetune_config(base: Path | dict, modality: str, opts: FinetuneOptions, out
     return cfg
 
 
-def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.write) -> dict[str, Any]:
+def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.write) -> dict[str, Any] | None:
     """Fine-tune (and with `compare`, also from random init) and write `finetune.json`.
 
     Args:
         run_dir: the pretraining run, or None with `opts.hf_dir` (`load_start`).
     Returns:
         The task's record: metric, pretrained, random_init, labels, steps, wall_s, (scores), and
-        the source (`checkpoint`, or `hf_dir` and `model`).
+        the source (`checkpoint`, or `hf_dir` and `model`); None when SIGTERM or SIGINT stopped a
+        run after its checkpoint (the same command with run.resume=true continues it).
     """
     from d2v_engine.ctc import CharVocab
     from d2v_engine.eval import EvalOptions, data_root
@@ -546,7 +593,7 @@ def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.wr
     echo(f"finetune {opts.task}: {len(train)} labelled training samples, {len(test)} test samples "
          f"(read in {time.perf_counter() - began:.0f} s)")
     record: dict[str, Any] = {"metric": task.metric, "labels": len(train), "n_test": len(test)}
-    curves = {}
+    curves, folders = {}, []
     for name, init in inits:
         out = base if name == "pretrained" or opts.random_init else base / "random_init"
         cfg = finetune_config(start.base, modality, opts, out, task.kind)
@@ -557,8 +604,11 @@ def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.wr
                 state.update(init.teacher)
         t0 = time.perf_counter()
         tuner = Finetuner(cfg, spec, state, task, train, test, classes, vocab, rank, world, echo)
-        tuner.train()
+        stopped = tuner.train()
         tuner.close()
+        if stopped:
+            return None
+        folders.append(Path(cfg.run.dir))
         scores = tuner.curve[-1]
         record[name] = scores[task.metric]
         record[f"{name}_scores"] = {k: v for k, v in scores.items() if k not in ("step", "seconds")}
@@ -567,19 +617,20 @@ def run_finetune(run_dir: str | Path | None, opts: FinetuneOptions, echo=tqdm.wr
         record.update(steps=cfg.train.steps, **start.record)
     record["wall_s"] = round(time.perf_counter() - began, 1)
     if rank == 0:
-        write_results(start.out, opts.task, record, curves, echo)
+        write_results(start.out, opts.task, record, curves, folders[0] / "curve.png", echo)
     return record
 
 
-def write_results(run_dir: Path, task: str, record: dict, curves: dict, echo) -> None:
-    """Merge the task's record into `finetune.json`, print the table, draw the curve."""
+def write_results(run_dir: Path, task: str, record: dict, curves: dict, plot: Path, echo) -> None:
+    """Merge the task's record into `finetune.json`, print the table, draw the curve into `plot`
+    (the first run's folder: `RUN/finetune/TASK/curve.png` unless run.dir moved it)."""
     path = run_dir / "finetune" / "finetune.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[task] = record
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     echo(format_table(results, f"fine-tuning of {run_dir}"))
-    plot_curves(curves, record["metric"], run_dir / "finetune" / task / "curve.png", task)
+    plot_curves(curves, record["metric"], plot, task)
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
@@ -669,11 +720,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     try:
-        run_finetune(args.run_dir, options(args))
+        record = run_finetune(args.run_dir, options(args))
     except UserError as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED if record is None else 0
 
 
 if __name__ == "__main__":

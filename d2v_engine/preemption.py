@@ -2,6 +2,7 @@
 Kubernetes), and people press Ctrl-C.
 
     StopSignals           the training process's handlers: a first signal asks for a stop, a later one exits
+    StepEndStops          a loop's end-of-step decision (save, stop), shared by pretraining and fine-tuning
     ignore_stop_signals   DataLoader workers' init function: both signals are the training process's
                           (a SIGTERM from the worker's parent excepted)
     PREEMPTED             exit status of a run that a signal stopped after writing its checkpoint (3)
@@ -47,8 +48,9 @@ class StopSignals:
     phase: str             # what the trainer is doing now (`during`), for the stop line
     received_in: str       # `phase` when the first signal arrived
 
-    def __init__(self, rank: int = 0):
-        self.rank = rank
+    def __init__(self, rank: int = 0, program: str = "pretrain"):
+        """`program` names the command in the second signal's line (`pretrain`, `finetune`)."""
+        self.rank, self.program = rank, program
         self.signum, self.phase, self.received_in = None, "start-up", ""
         self._first = 0.0
         self._pid = os.getpid()
@@ -67,6 +69,23 @@ class StopSignals:
     def during(self, phase: str) -> None:
         """Say what the trainer does from now on ("step 7", "the save of step 6"): the stop line names it."""
         self.phase = phase
+
+    def agree(self, saved_at: float, minutes: float, group=None) -> tuple[int, bool]:
+        """(the stop signal's number or 0, save by the clock), the same on every rank.
+
+        A stop signal that reached any rank stops all of them, and rank 0's clock alone decides a
+        save every `minutes` (0: never) since `saved_at` (`time.monotonic`). One all-reduce (MAX)
+        of two numbers, in `group` (`distributed.cpu_group`, so that it waits for no kernel); none
+        with one rank.
+        """
+        import torch
+
+        from d2v_engine import distributed
+
+        timed = self.rank == 0 and minutes > 0 and time.monotonic() - saved_at >= 60 * minutes
+        flags = torch.tensor([self.signum or 0, timed], dtype=torch.int64)
+        signum, timed = distributed.all_reduce_max(flags, group).tolist()
+        return signum, bool(timed)
 
     def __enter__(self) -> "StopSignals":
         # Python lets only the main thread install handlers; a loop run elsewhere keeps the defaults.
@@ -92,10 +111,47 @@ class StopSignals:
         status = 128 + signum
         if self.rank == 0:
             # os.write, not print: the signal may have interrupted a print to the same stream.
-            os.write(2, f"pretrain: second signal ({signal.Signals(signum).name}): exiting at once with "
+            os.write(2, f"{self.program}: second signal ({signal.Signals(signum).name}): exiting at once with "
                         f"status {status}, no checkpoint of this step; `latest` names the newest complete "
                         f"one.\n".encode())
         os._exit(status)
+
+
+class StepEndStops:
+    """The end-of-step save and stop of a training loop: pretraining's `Trainer`, fine-tuning's `Finetuner`.
+
+    The class provides `cfg`, `rank`, `step`, `ckpt_dir`, `signals` (a `StopSignals`), `flags_group`
+    (`distributed.cpu_group()`), `saved_at` (`time.monotonic()` of the last save or of the loop's
+    start) and `save_checkpoint()`.
+    """
+
+    def _save_then_stop(self) -> bool:
+        """The end of a step: save if `train.save_every` or `train.save_every_minutes` or a stop
+        signal says so; returns whether the run stops here. Every rank decides alike (`_agree`)."""
+        cfg = self.cfg.train
+        stop, timed = self._agree()
+        if stop or timed or (cfg.save_every and self.step % cfg.save_every == 0):
+            self.save_checkpoint()
+            if not stop:   # a signal during the save: the checkpoint just written is of this step
+                stop, _ = self._agree()
+        return stop and self.step < cfg.steps
+
+    def _agree(self) -> tuple[bool, bool]:
+        """(stop, save by the clock), the same on every rank (`StopSignals.agree`)."""
+        self._stop_signum, timed = self.signals.agree(self.saved_at, self.cfg.train.save_every_minutes,
+                                                      self.flags_group)
+        return self._stop_signum > 0, timed
+
+    def _report_stop(self, echo=print) -> None:
+        """The one line (rank 0) of a run that a signal stopped: which signal, when, what was saved."""
+        if self.rank != 0:
+            return
+        from d2v_engine.trainer import _tag
+
+        when = f"during {self.signals.received_in}" if self.signals.requested else "on another rank"
+        echo(f"{self.signals.program}: {signal.Signals(self._stop_signum).name} {when}: stopped after step "
+             f"{self.step} of {self.cfg.train.steps} with checkpoint {self.ckpt_dir / _tag(self.step)}; "
+             f"continue with run.resume=true (exit status {PREEMPTED})")
 
 
 def ignore_stop_signals(worker_id: int) -> None:

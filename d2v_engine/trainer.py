@@ -36,7 +36,7 @@ from d2v_engine.models.data2vec import Data2Vec, masked_std, std_across_samples
 from d2v_engine.models.data2vec2 import Data2Vec2
 from d2v_engine.models.objective import build_objective
 from d2v_engine.models.registry import build_encoder, get_spec, with_model_config, with_overrides
-from d2v_engine.preemption import PREEMPTED, StopSignals
+from d2v_engine.preemption import StepEndStops, StopSignals
 from d2v_engine.teacher import EMATeacher
 
 CHECKPOINT_META = "d2v.json"
@@ -88,7 +88,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Trainer:
+class Trainer(StepEndStops):
     """data2vec pretraining of one model on one data set, on one or more DeepSpeed ranks."""
 
     # config
@@ -285,46 +285,12 @@ class Trainer:
                     raise self._diverged()
                 if self._save_then_stop():
                     bar.close()
-                    self._report_stop()
+                    self._report_stop(tqdm.write)
                     return True
             bar.close()
             if self.saved_step != self.step:
                 self.save_checkpoint()
         return False
-
-    def _save_then_stop(self) -> bool:
-        """The end of a step: save if `train.save_every` or `train.save_every_minutes` or a stop
-        signal says so; returns whether the run stops here. Every rank decides alike (`_agree`)."""
-        cfg = self.cfg.train
-        stop, timed = self._agree()
-        if stop or timed or (cfg.save_every and self.step % cfg.save_every == 0):
-            self.save_checkpoint()
-            if not stop:   # a signal during the save: the checkpoint just written is of this step
-                stop, _ = self._agree()
-        return stop and self.step < cfg.steps
-
-    def _agree(self) -> tuple[bool, bool]:
-        """(stop, save by the clock), the same on every rank.
-
-        A stop signal that reached any rank stops all of them, and rank 0's clock alone decides
-        `train.save_every_minutes`. One all-reduce (MAX) of two numbers per step, on the CPU
-        (`distributed.cpu_group`), so that it waits for no kernel; none with one rank.
-        """
-        minutes = self.cfg.train.save_every_minutes
-        timed = self.rank == 0 and minutes > 0 and time.monotonic() - self.saved_at >= 60 * minutes
-        flags = torch.tensor([self.signals.signum or 0, timed], dtype=torch.int64)
-        signum, timed = distributed.all_reduce_max(flags, self.flags_group).tolist()
-        self._stop_signum = signum
-        return signum > 0, bool(timed)
-
-    def _report_stop(self) -> None:
-        """The one line (rank 0) of a run that a signal stopped: which signal, when, what was saved."""
-        if self.rank != 0:
-            return
-        when = (f"during {self.signals.received_in}" if self.signals.requested else "on another rank")
-        tqdm.write(f"pretrain: {signal.Signals(self._stop_signum).name} {when}: stopped after step "
-                   f"{self.step} of {self.cfg.train.steps} with checkpoint {self.ckpt_dir / _tag(self.step)}; "
-                   f"continue with run.resume=true (exit status {PREEMPTED})")
 
     def _metrics(self, window: "_Window", stats: dict[str, Tensor], decay: float
                  ) -> tuple[dict[str, float], int, int]:

@@ -291,3 +291,85 @@ def test_two_ranks_match_one(data_root, tmp_path):
     scores = [json.loads((tmp_path / d / "test.jsonl").read_text().splitlines()[-1])["accuracy"]
               for d in ("one", "two")]
     assert scores[0] == pytest.approx(scores[1], abs=1 / 32 + 1e-9)
+
+
+# ------------------------------------------------------------------------------ preemption, fresh runs
+def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(data_root, tmp_path, monkeypatch, capsys):
+    """SIGTERM at a fresh random step: exit 3 after that step's checkpoint; `run.resume=true` ends
+    with the uninterrupted run's weights, losses and test records. A fresh run in the same folder
+    then starts over, and a `run.dir` override gets the curve."""
+    import os
+    import random
+    import signal
+
+    from d2v_engine import finetune as ft
+    from d2v_engine.preemption import PREEMPTED
+    from tests.test_preemption import single_rank
+
+    run_dir = fake_run(tmp_path / "run", "debug_image.yaml", data_root / "fashion-mnist" / "train")
+    args = ["--run", str(run_dir), "--task", "fashion-mnist", "--labels", "48", "train.steps=6", "train.batch_size=8",
+            "train.warmup_steps=1", "train.log_every=1", "finetune.eval_every=2", "finetune.test_limit=32",
+            "train.progress=false", "ds.zero_stage=0"]
+    out, ref = run_dir / "finetune" / "fashion-mnist", tmp_path / "reference"
+
+    def outputs(folder: Path):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+        records = [{k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "step_ms", "seconds")}
+                   for name in ("metrics.jsonl", "test.jsonl") for x in (folder / name).read_text().splitlines()]
+        return weights, records
+
+    stop_at = random.Random().randrange(1, 6)
+    train_step = ft.Finetuner.train_step
+
+    def signalled_step(self):
+        result = train_step(self)
+        if self.step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with single_rank():
+        assert ft.main([*args, f"run.dir={ref}"]) == 0
+        assert (ref / "curve.png").is_file() and not (out / "curve.png").exists()   # the override's folder
+        results = (run_dir / "finetune" / "finetune.json").read_text()
+        monkeypatch.setattr(ft.Finetuner, "train_step", signalled_step)
+        assert ft.main(args) == PREEMPTED, stop_at
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert (out / "checkpoints" / "latest").read_text() == f"step{stop_at:08d}"
+        assert f"finetune: SIGTERM during step {stop_at}: stopped after step {stop_at} of 6" in capsys.readouterr().out
+        assert (run_dir / "finetune" / "finetune.json").read_text() == results   # no figure of a stopped run
+        monkeypatch.setattr(ft.Finetuner, "train_step", train_step)
+        assert ft.main([*args, "run.resume=true"]) == 0
+        (w_ref, r_ref), (w, r) = outputs(ref), outputs(out)
+        assert r == r_ref, stop_at
+        assert w.keys() == w_ref.keys() and all(torch.equal(w[k], w_ref[k]) for k in w), stop_at
+        # a fresh run in the used folder: its own records and checkpoints only
+        capsys.readouterr()
+        assert ft.main([*args, "train.steps=4"]) == 0
+        assert "removed the earlier run's metrics.jsonl, test.jsonl, tensorboard, checkpoints" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (out / "test.jsonl").read_text().splitlines()] == [2, 4]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000004"]
+
+
+def test_save_every_minutes_saves_by_the_clock(data_root, tmp_path, monkeypatch):
+    """A clock that moves 40 s per step with saves every minute: steps 2 and 4, then the end."""
+    from d2v_engine import finetune as ft
+    from tests.test_preemption import single_rank
+
+    now = [1000.0]
+    train_step = ft.Finetuner.train_step
+
+    def slow_step(self):
+        now[0] += 40.0
+        return train_step(self)
+
+    monkeypatch.setattr(ft.Finetuner, "train_step", slow_step)
+    monkeypatch.setattr("d2v_engine.finetune.time.monotonic", lambda: now[0])
+    run_dir = fake_run(tmp_path / "run", "debug_image.yaml", data_root / "fashion-mnist" / "train")
+    with single_rank():
+        assert ft.main(["--run", str(run_dir), "--task", "fashion-mnist", "--labels", "32", "train.steps=5",
+                        "train.batch_size=4", "train.warmup_steps=1", "finetune.test_limit=8", "train.progress=false",
+                        "train.save_every_minutes=1", "train.keep_checkpoints=5", "ds.zero_stage=0"]) == 0
+    ckpts = run_dir / "finetune" / "fashion-mnist" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000002", "step00000004", "step00000005"]
