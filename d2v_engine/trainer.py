@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any

@@ -19,8 +19,8 @@ from d2v_engine.config import load_config
 from d2v_engine.ctc import CharVocab
 from d2v_engine.data.prepare import PrepareOptions, prepare
 from d2v_engine.errors import UserError
-from d2v_engine.finetune import (FinetuneOptions, build_scheduler, finetune_config, finetune_spec, label_budget,
-                                 lr_factor, param_groups, recipe_path, run_start)
+from d2v_engine.finetune import FinetuneOptions, finetune_config, finetune_spec, label_budget, recipe_path, run_start
+from d2v_engine.finetune_loop import build_scheduler, lr_factor, param_groups
 from d2v_engine.finetune_data import LabelledSet, _encode_transcripts, batch_ids, choose_labels, remap_classes
 from d2v_engine.heads import FinetuneModel, layer_id, mix_images, random_resized_crop
 from d2v_engine.models.registry import build_encoder, get_spec

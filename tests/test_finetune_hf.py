@@ -2,7 +2,7 @@
 
 The HF models are built from configs of registry shapes (nothing downloads) with every parameter
 drawn at random (`test_hf.random_hf_model`), saved with `save_pretrained`, some as task classes
-whose base weights are inside. The encoder a fine-tuning starts with (`finetune.start_encoder`, what
+whose base weights are inside. The encoder a fine-tuning starts with (`finetune_loop.start_encoder`, what
 `Finetuner` builds) must compute the HF model's hidden states; one image run goes end to end through
 DeepSpeed in a subprocess, as a user would run it.
 """
@@ -23,7 +23,8 @@ from safetensors import safe_open  # noqa: E402
 
 from d2v_engine import cli, hf  # noqa: E402
 from d2v_engine.errors import UserError  # noqa: E402
-from d2v_engine.finetune import FinetuneOptions, finetune_config, load_start, start_encoder  # noqa: E402
+from d2v_engine.finetune import FinetuneOptions, finetune_config, load_start
+from d2v_engine.finetune_loop import start_encoder  # noqa: E402
 from d2v_engine.models.registry import get_spec  # noqa: E402
 from tests.data.synth_shards import train_tokenizer_for, write_image_shards  # noqa: E402
 from tests.test_eval import fake_run, run  # noqa: E402

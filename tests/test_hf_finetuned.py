@@ -2,7 +2,7 @@
 
 Each case builds a `FinetuneModel` of a debug model with every bias, LayerNorm and head weight
 drawn at random (no LayerNorm is the identity, no bias is zero), saves it as `d2v finetune` does
-(`finetune.save_finetuned`), exports it with the CLI, loads it with `from_pretrained` and compares
+(`finetune_loop.save_finetuned`), exports it with the CLI, loads it with `from_pretrained` and compares
 logits in fp32 on fresh random inputs, padded rows included.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import save_file  # noqa: E402
 from d2v_engine import cli  # noqa: E402
 from d2v_engine.config import load_config  # noqa: E402
 from d2v_engine.ctc import BLANK, CharVocab, greedy_decode  # noqa: E402
-from d2v_engine.finetune import save_finetuned  # noqa: E402
+from d2v_engine.finetune_loop import save_finetuned  # noqa: E402
 from d2v_engine.heads import FinetuneModel  # noqa: E402
 from d2v_engine.models.registry import build_encoder, get_spec, with_model_config  # noqa: E402
 

@@ -1,6 +1,6 @@
 """`d2v hf-export --finetuned`: a fine-tuned model -> a Hugging Face task model folder.
 
-`d2v finetune` writes `RUN/finetune/TASK/model.safetensors` (`finetune.save_finetuned`): the fp32
+`d2v finetune` writes `RUN/finetune/TASK/model.safetensors` (`finetune_loop.save_finetuned`): the fp32
 state of a `heads.FinetuneModel` (`encoder.*`, `head.*`) and metadata, the full config among it.
 The export rebuilds the encoder from that config, names its weights as `d2v hf-export` does
 (`weights.hf_state_dict`) and the head as the task class does:
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from d2v_engine.checkpoint import _load_into, run_spec
 from d2v_engine.config import Config, load_config
 from d2v_engine.errors import UserError
-from d2v_engine.finetune import FINETUNE_FORMAT
+from d2v_engine.finetune_loop import FINETUNE_FORMAT
 from d2v_engine.hf.commands import build_preprocessor
 from d2v_engine.hf.spec import hf_config_from_spec, require_transformers
 from d2v_engine.hf.weights import build_hf_model, hf_state_dict

@@ -9,7 +9,6 @@ and text, `Decoder2d` on the patch grid for images). Predictions are read at the
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
