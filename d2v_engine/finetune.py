@@ -8,8 +8,7 @@ The config is the run's `config.yaml`, then the recipe (`configs/finetune_<modal
 `finetune_audio_ctc.yaml`, or `--config`), then the overrides; it shares the pretraining sections (`train`, `ds`, `model`
 dropouts) and adds `finetune`. With `--hf-dir` the first layer comes from the folder instead
 (`hf.start`: the registry model of its shape, its preprocessing) and `DIR` below is `--out`. The
-loop (`finetune_loop.Finetuner`) is pretraining's pieces: DeepSpeed through `distributed` (ZeRO 0-2,
-bf16), the guards' non-finite skip, `MetricsLogger`, and the trainer's atomic checkpoints.
+loop of one run is `finetune_loop.Finetuner`.
 
 A fine-tuning run lives in `DIR/finetune/TASK/` (and `.../random_init/` for the comparison):
 config.yaml, metrics.jsonl, test.jsonl (the test metric every `finetune.eval_every` steps),

@@ -6,10 +6,8 @@ checkpoints and RNG states, and the preemption stop (`StepEndStops`). The optimi
 layer-wise lr decay (`param_groups`); one schedule per group (`build_scheduler`: warm-up + cosine,
 polynomial or tri-stage, and 0 for the encoder during `finetune.freeze_steps`).
 
-A run writes its folder (`cfg.run.dir`): config.yaml, metrics.jsonl, test.jsonl (the test metric
-every `finetune.eval_every` steps), tensorboard/, checkpoints/ (resumable with run.resume=true) and
-`model.safetensors` (`save_finetuned`: encoder and head, `FINETUNE_FORMAT`). A fresh run in a used
-folder first removes the earlier run's records and checkpoints (`OWN_FILES`).
+What a run writes into its folder (`cfg.run.dir`) is listed in `finetune.py`'s docstring;
+`model.safetensors` is `save_finetuned`'s, and a fresh run in a used folder first removes `OWN_FILES`.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from safetensors import safe_open  # noqa: E402
 
 from d2v_engine import cli, hf  # noqa: E402
 from d2v_engine.errors import UserError  # noqa: E402
-from d2v_engine.finetune import FinetuneOptions, finetune_config, load_start
+from d2v_engine.finetune import FinetuneOptions, finetune_config, load_start  # noqa: E402
 from d2v_engine.finetune_loop import start_encoder  # noqa: E402
 from d2v_engine.models.registry import get_spec  # noqa: E402
 from tests.data.synth_shards import train_tokenizer_for, write_image_shards  # noqa: E402
